@@ -1,0 +1,488 @@
+"""The LightningModule: the policy, the active objective, and one RL iteration per batch.
+
+How one training step differs from supervised Lightning training:
+1. The batch holds prompts only. The policy samples G responses per prompt (no grad, KV cache)
+   and a verifier rewards them.
+2. Each loss term of the current phase computes advantages, keeps its samples, and scores only
+   those, in its own space: after the prompt (P(y|x)) or after the question-free context (P(y)).
+   A phase-1 NSR-PreRL step never runs a conditional forward pass.
+3. Optimisation is manual: ``epochs x mini_batches`` optimizer updates per rollout batch, each
+   accumulated over micro-batches. ``trainer.global_step`` counts optimizer updates, so the DSRL
+   switch step S is a number of updates. Batches without learning signal make no update.
+The step does no file I/O: samples for TensorBoard are kept in memory for a callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torchmetrics import MeanMetric, SumMetric
+
+from prerl.metrics import pass_at_k, rollout_metrics, space_diagnostics
+from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, UpdateBatch, phases_of
+from prerl.rollout import Rollout, decode, eos_ids, generate
+from prerl.scoring import score_responses
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive updates had a NaN or infinite loss or gradient norm."""
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled for training (method.md: 8 responses at T = 1.0)."""
+
+    group_size: int = 8
+    max_new_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class UpdateConfig:
+    """How a rollout batch is turned into optimizer updates (PreRL: one update per batch)."""
+
+    epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_size: int = 8
+    max_grad_norm: float = 1.0
+    recompute_old_logprobs: str = "auto"
+
+
+@dataclass
+class ValidationConfig:
+    """avg@k validation on the held-out split (PreRL reports Avg@32 at T = 1.0)."""
+
+    samples_per_problem: int = 4
+    max_new_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def _config(cls, values: dict | None):
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**values)
+
+
+class PreRLModule(LightningModule):
+    """Policy + objective(s) for PreRL, NSR-PreRL, DSRL and the post-train baselines.
+
+    Args:
+        model: a ``prerl.models`` spec; the network is built in ``configure_model``.
+        tokenizer: the spec's tokenizer (pad and eos set).
+        objective: an ``Objective`` or a ``DualSpaceSchedule``.
+        reward: callable ``(responses, problems) -> RewardResult``.
+        optimizer: partial optimizer constructor (e.g. AdamW with lr), completed with parameters.
+        rollout, update, validation: dicts of ``RolloutConfig`` / ``UpdateConfig`` /
+            ``ValidationConfig`` fields.
+        lr_warmup_steps: linear warm-up of the learning rate, then constant (PreRL: 0).
+        diagnostics_every_n_steps: every N updates also score all responses in both spaces
+            (entropies, log-prob gap); 0 disables. Costs two extra no-grad forwards.
+        max_consecutive_nonfinite: stop after this many skipped non-finite updates in a row.
+        num_text_samples: responses kept from each rollout for the text-sample logger.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        objective: Objective | DualSpaceSchedule,
+        reward: Callable,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        rollout: dict | None = None,
+        update: dict | None = None,
+        validation: dict | None = None,
+        lr_warmup_steps: int = 0,
+        diagnostics_every_n_steps: int = 10,
+        max_consecutive_nonfinite: int = 3,
+        num_text_samples: int = 4,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model_spec = model
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.phases = phases_of(objective)
+        self.reward = reward
+        self.optimizer_factory = optimizer
+        self.rollout_cfg = _config(RolloutConfig, rollout)
+        self.update_cfg = _config(UpdateConfig, update)
+        self.val_cfg = _config(ValidationConfig, validation)
+        if self.update_cfg.recompute_old_logprobs not in ("auto", "always"):
+            raise ValueError("update.recompute_old_logprobs must be 'auto' or 'always'")
+        self.lr_warmup_steps = lr_warmup_steps
+        self.diagnostics_every_n_steps = diagnostics_every_n_steps
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.num_text_samples = num_text_samples
+        self.policy: torch.nn.Module | None = None
+        self.ref_policy: torch.nn.Module | None = None
+        # Training state saved in checkpoints (on_save_checkpoint).
+        self.phase = 0
+        self.consecutive_nonfinite = 0
+        self.nonfinite_total = 0
+        self.no_signal_total = 0
+        self.last_samples: list[dict[str, Any]] = []
+        self.val_accuracy = MeanMetric()
+        self.val_pass = MeanMetric()
+        self.val_length = MeanMetric()
+        self.val_truncated = MeanMetric()
+        self.val_timeouts = SumMetric()
+
+    # ---------------------------------------------------------------- model and optimizer
+    def configure_model(self) -> None:
+        # Built here, not in __init__, so a sharding strategy can wrap it as it is created.
+        if self.policy is not None:
+            return
+        self.policy = self.model_spec.build_model()
+        needs_reference = any(obj.kl_coef for phase in self.phases for obj, _ in phase)
+        if needs_reference and not hasattr(self.policy, "disable_adapter"):
+            # Full fine-tuning needs a frozen copy; with LoRA the adapter is switched off instead.
+            self.ref_policy = self.model_spec.build_model().requires_grad_(False).eval()
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the policy has no trainable parameters")
+        opt = self.optimizer_factory(params=params)
+        warmup = max(int(self.lr_warmup_steps), 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_callbacks(self):
+        if isinstance(self.objective, DualSpaceSchedule):
+            from prerl.callbacks.phase_switch import PhaseSwitch
+
+            return [PhaseSwitch(self.objective.switch_step, self.objective.reset_optimizer)]
+        return []
+
+    # ---------------------------------------------------------------- state in checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["prerl_state"] = {
+            "phase": self.phase,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "nonfinite_total": self.nonfinite_total,
+            "no_signal_total": self.no_signal_total,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("prerl_state")
+        if state is None:
+            raise KeyError("checkpoint has no 'prerl_state': it was not written by PreRLModule")
+        self.phase = int(state["phase"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        self.nonfinite_total = int(state["nonfinite_total"])
+        self.no_signal_total = int(state["no_signal_total"])
+
+    def set_phase(self, phase: int) -> None:
+        if not 0 <= phase < len(self.phases):
+            raise ValueError(f"phase {phase} out of range: this objective has {len(self.phases)} phase(s)")
+        self.phase = phase
+
+    @property
+    def phase_terms(self) -> list[tuple[Objective, float]]:
+        return self.phases[self.phase]
+
+    # ---------------------------------------------------------------- sampling and rewards
+    def _is_sharded(self) -> bool:
+        # Sharded ranks must keep stepping generate() together until every rank is done.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+    def sample(
+        self, batch: dict, num_samples: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int = 0
+    ) -> Rollout:
+        """Sample, decode and reward ``num_samples`` responses per prompt of ``batch``."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            eos = eos_ids(getattr(self.policy, "generation_config", None), self.tokenizer)
+            response_ids, response_mask, truncated = generate(
+                self.policy,
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                num_samples=num_samples,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                eos_token_ids=eos,
+                pad_token_id=self.tokenizer.pad_token_id,
+                synced_gpus=self._is_sharded(),
+            )
+        finally:
+            self.policy.train(was_training)
+        rep = lambda t: t.repeat_interleave(num_samples, dim=0)  # noqa: E731
+        rollout = Rollout(
+            prompt_ids=rep(batch["prompt_ids"]),
+            prompt_mask=rep(batch["prompt_mask"]),
+            context_ids=rep(batch["context_ids"]),
+            response_ids=response_ids,
+            response_mask=response_mask,
+            truncated=truncated,
+            texts=decode(self.tokenizer, response_ids, response_mask),
+            problems=[p for p in batch["problems"] for _ in range(num_samples)],
+            group_size=num_samples,
+        )
+        result = self.reward(rollout.texts, rollout.problems)
+        rollout.rewards = result.rewards.to(self.device, torch.float32)
+        rollout.reward_timeouts = int(result.timeouts)
+        rollout.extracted = list(result.extracted)
+        return rollout
+
+    # ---------------------------------------------------------------- scoring helpers
+    def _score(self, batch: UpdateBatch, with_entropy: bool = False, model=None):
+        return score_responses(
+            model if model is not None else self.policy,
+            batch.prefix_ids,
+            batch.prefix_mask,
+            batch.response_ids,
+            batch.response_mask,
+            temperature=self.rollout_cfg.temperature or 1.0,
+            with_entropy=with_entropy,
+        )
+
+    def _micro_batches(self, batch: UpdateBatch):
+        size = self.update_cfg.micro_batch_size
+        for start in range(0, len(batch), size):
+            yield batch.rows(torch.arange(start, min(start + size, len(batch)), device=batch.advantages.device))
+
+    @torch.no_grad()
+    def _score_no_grad(self, batch: UpdateBatch, model=None) -> torch.Tensor:
+        out = torch.zeros_like(batch.response_mask, dtype=torch.float32)
+        size = self.update_cfg.micro_batch_size
+        for start, micro in zip(range(0, len(batch), size), self._micro_batches(batch)):
+            logprobs, _ = self._score(micro, model=model)
+            out[start : start + len(micro), : logprobs.shape[1]] = logprobs
+        return out
+
+    def _reference_logprobs(self, batch: UpdateBatch) -> torch.Tensor:
+        if self.ref_policy is not None:
+            return self._score_no_grad(batch, model=self.ref_policy)
+        with self.policy.disable_adapter():
+            return self._score_no_grad(batch)
+
+    @torch.no_grad()
+    def _diagnostics(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Entropy in both spaces and their log-prob gap, over every response of the batch."""
+        keep_all = torch.ones_like(rollout.rewards, dtype=torch.bool)
+        sums: dict[str, float] = {}
+        total = 0.0
+        spaces = (ConditionalRL(), MarginalRL())
+        full = [obj.select(rollout, torch.zeros_like(rollout.rewards), keep_all) for obj in spaces]
+        size = self.update_cfg.micro_batch_size
+        for start in range(0, len(full[0]), size):
+            index = torch.arange(start, min(start + size, len(full[0])), device=self.device)
+            cond, marg = (batch.rows(index) for batch in full)
+            (lc, ec), (lm, em) = self._score(cond, True), self._score(marg, True)
+            tokens = float(cond.response_mask.sum())
+            for key, value in space_diagnostics(lc, lm, ec, em, cond.response_mask).items():
+                sums[key] = sums.get(key, 0.0) + float(value) * tokens
+            total += tokens
+        return {key: torch.tensor(value / max(total, 1.0)) for key, value in sums.items()}
+
+    # ---------------------------------------------------------------- distributed helpers
+    def _all_sum(self, value: float) -> float:
+        tensor = torch.tensor(float(value), device=self.device)
+        return float(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
+
+    def _all_max(self, value: int) -> int:
+        tensor = torch.tensor(float(value), device=self.device)
+        return int(self.trainer.strategy.reduce(tensor, reduce_op="max"))
+
+    def _any(self, flag: bool) -> bool:
+        return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
+
+    def _all(self, flag: bool) -> bool:
+        return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=True))
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        started = time.perf_counter()
+        cfg = self.rollout_cfg
+        rollout = self.sample(batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+        sampled = time.perf_counter()
+        metrics = rollout_metrics(rollout.rewards, rollout.group_size, rollout.response_mask, rollout.truncated)
+        metrics["reward_timeouts"] = torch.tensor(float(rollout.reward_timeouts))
+        metrics["phase"] = torch.tensor(float(self.phase + 1))
+        self._keep_text_samples(rollout)
+
+        terms = []
+        signal = False
+        first_row = torch.zeros_like(rollout.rewards, dtype=torch.bool)
+        first_row[0] = True
+        for objective, weight in self.phase_terms:
+            advantages = objective.advantages(rollout.rewards, rollout.group_size)
+            keep = objective.keep(advantages)
+            metrics[f"kept_frac/{objective.space}"] = keep.float().mean()
+            rows = objective.select(rollout, advantages, keep)
+            # A one-row batch in this space for ranks that run out of rows (zero weight).
+            placeholder = objective.select(rollout, torch.zeros_like(advantages), first_row)
+            signal |= bool((rows.advantages != 0).any())
+            terms.append((objective, weight, rows, placeholder))
+        metrics["kept_frac"] = torch.stack([metrics[f"kept_frac/{o.space}"] for o, _ in self.phase_terms]).mean()
+
+        if self.diagnostics_every_n_steps and self.global_step % self.diagnostics_every_n_steps == 0:
+            metrics.update(self._diagnostics(rollout))
+
+        if not self._any(signal):
+            # Every kept response has advantage 0 (e.g. all groups all-right or all-wrong).
+            self.no_signal_total += 1
+            log.info("step %d: no learning signal in this batch; update skipped", self.global_step)
+        else:
+            metrics.update(self._update(terms))
+        metrics["skipped_no_signal"] = torch.tensor(float(self.no_signal_total))
+        metrics["nonfinite_updates"] = torch.tensor(float(self.nonfinite_total))
+        metrics["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
+        finished = time.perf_counter()
+        generated = float(rollout.response_mask.sum())
+        metrics["time/rollout_s"] = torch.tensor(sampled - started)
+        metrics["time/update_s"] = torch.tensor(finished - sampled)
+        metrics["perf/sample_tokens_per_s"] = torch.tensor(generated / max(sampled - started, 1e-9))
+        batch_size = batch["prompt_ids"].shape[0]
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=batch_size)
+        self.log("train/accuracy_bar", metrics["accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
+
+    def _keep_text_samples(self, rollout: Rollout) -> None:
+        self.last_samples = [
+            {
+                "id": rollout.problems[i].get("id"),
+                "question": rollout.problems[i].get("question"),
+                "gold": rollout.problems[i].get("answer"),
+                "response": rollout.texts[i],
+                "extracted": rollout.extracted[i] if i < len(rollout.extracted) else None,
+                "reward": float(rollout.rewards[i]),
+            }
+            for i in range(min(self.num_text_samples, len(rollout.texts)))
+        ]
+
+    def _update(self, terms: list[tuple[Objective, float, UpdateBatch, UpdateBatch]]) -> dict[str, torch.Tensor]:
+        """Run ``epochs x mini_batches`` optimizer updates over the kept rows of each term."""
+        cfg = self.update_cfg
+        num_updates = cfg.epochs * cfg.mini_batches
+        for objective, _, batch, _ in terms:
+            if cfg.recompute_old_logprobs == "always" or num_updates > 1:
+                batch.old_logprobs = self._score_no_grad(batch)
+            if objective.kl_coef:
+                batch.ref_logprobs = self._reference_logprobs(batch)
+        totals: dict[str, float] = {}
+        updates = 0
+        for _ in range(cfg.epochs):
+            orders = [
+                torch.randperm(len(b), device=self.device) if cfg.mini_batches > 1 else torch.arange(len(b), device=self.device)
+                for _, _, b, _ in terms
+            ]
+            for mb in range(cfg.mini_batches):
+                chunks = [
+                    (objective, weight, batch.rows(order.tensor_split(cfg.mini_batches)[mb]), placeholder)
+                    for (objective, weight, batch, placeholder), order in zip(terms, orders)
+                ]
+                step_metrics = self._optimizer_update(chunks)
+                if step_metrics is not None:
+                    updates += 1
+                    for key, value in step_metrics.items():
+                        totals[key] = totals.get(key, 0.0) + value
+        return {key: torch.tensor(value / max(updates, 1)) for key, value in totals.items()}
+
+    def _optimizer_update(self, chunks: list[tuple[Objective, float, UpdateBatch, UpdateBatch]]) -> dict[str, float] | None:
+        """Accumulate one mini-batch's loss over micro-batches, then take one optimizer step.
+
+        Returns the update's metrics (summed over ranks), or None if the update was skipped for a
+        non-finite loss or gradient norm.
+        """
+        opt = self.optimizers()
+        world = self.trainer.world_size
+        sums: dict[str, float] = {"loss": 0.0}
+        for objective, weight, batch, placeholder in chunks:
+            mask = batch.response_mask
+            num_tokens = self._all_sum(mask.sum())
+            num_seqs = self._all_sum((mask.sum(dim=1) > 0).sum())
+            micro = list(self._micro_batches(batch)) if len(batch) else []
+            for i in range(self._all_max(len(micro))):
+                # A rank with fewer rows runs a zero-weight pass so collectives stay aligned.
+                part, scale = (micro[i], weight * world) if i < len(micro) else (placeholder, 0.0)
+                logprobs, entropy = self._score(part, with_entropy=bool(objective.entropy_coef))
+                if batch.old_logprobs is None:  # one update per rollout: on-policy, ratio exactly 1
+                    part.old_logprobs = logprobs.detach()
+                loss, term_metrics = objective.loss(
+                    logprobs, part, num_tokens, num_seqs, self.rollout_cfg.max_new_tokens, entropy
+                )
+                # DDP averages gradients over ranks while the counts above are global: scale by world.
+                loss = loss * scale
+                if not self._all(bool(torch.isfinite(loss))):
+                    return self._skip_nonfinite(opt, "loss")
+                self.manual_backward(loss)
+                sums["loss"] += float(loss.detach()) / world
+                for key, value in term_metrics.items():
+                    name = f"{key}/{objective.space}"
+                    sums[name] = sums.get(name, 0.0) + float(value) * (scale != 0)
+        grad_norm = self._clip_gradients(self.update_cfg.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            return self._skip_nonfinite(opt, "gradient norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        self.consecutive_nonfinite = 0
+        keys = sorted(sums)
+        totals = self.trainer.strategy.reduce(torch.tensor([sums[k] for k in keys], device=self.device), reduce_op="sum")
+        metrics = dict(zip(keys, totals.tolist()))
+        metrics["grad_norm"] = grad_norm
+        return metrics
+
+    def _clip_gradients(self, max_norm: float) -> float:
+        if hasattr(self.policy, "clip_grad_norm_"):  # FSDP1 computes the norm across shards
+            return float(self.policy.clip_grad_norm_(max_norm))
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def _skip_nonfinite(self, opt, what: str) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.consecutive_nonfinite += 1
+        self.nonfinite_total += 1
+        log.warning(
+            "step %d: non-finite %s, update skipped (%d in a row, %d in total)",
+            self.global_step, what, self.consecutive_nonfinite, self.nonfinite_total,
+        )
+        if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive updates had a non-finite {what} "
+                f"(limit max_consecutive_nonfinite={self.max_consecutive_nonfinite}); training stopped "
+                f"at step {self.global_step}. No weights were changed by the skipped updates; the last "
+                f"checkpoint is intact."
+            )
+        return None
+
+    # ---------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        cfg = self.val_cfg
+        k = cfg.samples_per_problem
+        rollout = self.sample(batch, k, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        correct = (rollout.rewards > 0.5).view(-1, k)
+        n = correct.shape[0]
+        self.val_accuracy.update(correct.float().mean(dim=1), weight=torch.ones(n))
+        passed = torch.tensor([pass_at_k(k, int(c), k) for c in correct.sum(dim=1)])
+        self.val_pass.update(passed)
+        self.val_length.update(rollout.response_mask.sum(dim=1).float())
+        self.val_truncated.update(rollout.truncated.float())
+        self.val_timeouts.update(torch.tensor(float(rollout.reward_timeouts)))
+        kwargs = dict(on_step=False, on_epoch=True, batch_size=n)
+        self.log(f"val/avg@{k}", self.val_accuracy, prog_bar=True, **kwargs)
+        self.log(f"val/pass@{k}", self.val_pass, **kwargs)
+        self.log("val/response_len_mean", self.val_length, **kwargs)
+        self.log("val/truncated_frac", self.val_truncated, **kwargs)
+        self.log("val/reward_timeouts", self.val_timeouts, reduce_fx="sum", **kwargs)

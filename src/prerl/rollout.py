@@ -1,0 +1,136 @@
+"""Rollouts: sample G responses per prompt with the policy (no grad, KV cache) and package them.
+
+Sampling is always conditional, y ~ pi(. | x); only the update of a marginal objective moves to
+the question-free context (method.md, "Notation").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig
+
+
+@dataclass
+class Rollout:
+    """G responses for each of B prompts, rows grouped by prompt (N = B * G).
+
+    Attributes:
+        prompt_ids: (N, P) left-padded prompt of each row.
+        prompt_mask: (N, P).
+        context_ids: (N, C) question-free context of each row.
+        response_ids: (N, T) right-padded response, end token included when generated.
+        response_mask: (N, T) 1 on response tokens (through the first end token).
+        truncated: (N,) bool, no end token within the length limit.
+        texts: decoded responses (special tokens skipped).
+        problems: the problem dict of each row.
+        group_size: G.
+        rewards: (N,) float, filled in by the reward step.
+        reward_timeouts: how many rewards timed out (each counted as reward 0).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    context_ids: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    truncated: torch.Tensor
+    texts: list[str]
+    problems: list[dict]
+    group_size: int
+    rewards: torch.Tensor | None = None
+    reward_timeouts: int = 0
+    extracted: list[str | None] = field(default_factory=list)
+
+    @property
+    def num_groups(self) -> int:
+        return self.response_ids.shape[0] // self.group_size
+
+
+def response_mask_from_ids(
+    response_ids: torch.Tensor, eos_token_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each response through its first end token.
+
+    Args:
+        response_ids: (N, T) generated ids (whatever follows the first end token is padding).
+        eos_token_ids: ids that end a response.
+    Returns:
+        mask: (N, T) long, 1 up to and including the first end token (all 1 if none).
+        truncated: (N,) bool, True where no end token was generated.
+    """
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))
+    seen_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    mask = (~seen_before).long()
+    truncated = ~is_eos.any(dim=1)
+    return mask, truncated
+
+
+def eos_ids(generation_config: GenerationConfig, tokenizer) -> list[int]:
+    """The ids that end a response: the generation config's, else the tokenizer's eos."""
+    ids = generation_config.eos_token_id if generation_config is not None else None
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        raise ValueError("neither the model's generation config nor the tokenizer defines an eos token")
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+@torch.no_grad()
+def generate(
+    policy,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    top_k: int = 0,
+    synced_gpus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample ``num_samples`` responses per prompt with the KV cache.
+
+    Args:
+        policy: a Hugging Face causal LM (or peft wrapper).
+        prompt_ids, prompt_mask: (B, P) left-padded prompts.
+        num_samples: G, responses per prompt; rows of the output are grouped by prompt.
+        temperature: 0 means greedy.
+        top_k: 0 disables top-k (the model's own generation config is ignored on purpose, so
+            the sampling distribution is exactly softmax(logits / temperature) up to top_p).
+        synced_gpus: keep sharded ranks stepping together until all are done (FSDP).
+    Returns:
+        response_ids (B*G, T), response_mask (B*G, T), truncated (B*G,) bool.
+    """
+    config = GenerationConfig(
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None,
+        top_k=top_k if temperature > 0 else None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_ids,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+    input_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
+    attention_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+    out = policy.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        synced_gpus=synced_gpus,
+    )
+    response_ids = out[:, prompt_ids.shape[1] :]
+    mask, truncated = response_mask_from_ids(response_ids, eos_token_ids)
+    response_ids = response_ids.masked_fill(mask == 0, pad_token_id)
+    return response_ids, mask, truncated
+
+
+def decode(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Decode each response's masked tokens, skipping special tokens. (N, T) -> N strings."""
+    lengths = response_mask.sum(dim=1).tolist()
+    return tokenizer.batch_decode(
+        [row[:n].tolist() for row, n in zip(response_ids, lengths)], skip_special_tokens=True
+    )

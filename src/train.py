@@ -1,0 +1,28 @@
+"""Train a policy with PreRL / NSR-PreRL / DSRL or a post-train baseline.
+
+    python src/train.py                                   # the embedded CPU main job (DSRL)
+    python src/train.py objective=grpo trainer=gpu model=qwen3_4b data=math
+    python src/train.py experiment=dsrl_qwen3_4b          # the authors' hyper-parameters
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PRERL_ROOT", str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without `pip install -e .`
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from prerl.train import train  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Shared builders for module-level tests: a tiny policy, in-memory data, scripted rewards."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning as L
+import torch
+
+from prerl.data import PromptDataModule
+from prerl.models import TinyModelSpec
+from prerl.module import PreRLModule
+from prerl.rewards.types import RewardResult
+
+
+class ListSource:
+    """A source of in-memory problems (``load() -> list[dict]``)."""
+
+    def __init__(self, problems: list[dict]):
+        self.problems = problems
+
+    def load(self) -> list[dict]:
+        return [dict(p) for p in self.problems]
+
+
+def problems(n: int, prefix: str = "q") -> list[dict]:
+    return [
+        {"id": f"{prefix}/{i}", "question": f"What is {i} plus {i % 7}?", "answer": str(i + i % 7),
+         "verifier": "math", "meta": {}}
+        for i in range(n)
+    ]
+
+
+class PatternReward:
+    """Scripted rewards: response j of every call gets ``pattern[j % len(pattern)]``.
+
+    With an even group size and pattern (1, 0) every group is mixed; (0,) makes every group
+    all-wrong and (1,) all-right.
+    """
+
+    def __init__(self, pattern=(1.0, 0.0)):
+        self.pattern = tuple(float(p) for p in pattern)
+        self.calls = 0
+
+    def __call__(self, responses, problems):
+        self.calls += 1
+        rewards = torch.tensor([self.pattern[j % len(self.pattern)] for j in range(len(responses))])
+        return RewardResult(rewards=rewards, timeouts=0, extracted=[None] * len(responses))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_spec(**kwargs) -> TinyModelSpec:
+    return TinyModelSpec(**kwargs)
+
+
+def make_module(
+    objective, reward=None, lr=1e-3, group_size=4, max_new_tokens=8, spec_kwargs=(), optimizer=None, **kwargs
+) -> PreRLModule:
+    spec = tiny_spec(**dict(spec_kwargs))
+    module = PreRLModule(
+        model=spec,
+        tokenizer=spec.build_tokenizer(),
+        objective=objective,
+        reward=reward or PatternReward(),
+        optimizer=optimizer or functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
+        rollout={"group_size": group_size, "max_new_tokens": max_new_tokens, **kwargs.pop("rollout", {})},
+        update=kwargs.pop("update", {"micro_batch_size": 4}),
+        validation={"samples_per_problem": 2, "max_new_tokens": max_new_tokens},
+        **kwargs,
+    )
+    return module
+
+
+def make_datamodule(tokenizer, n_train=16, n_val=4, batch_size=2) -> PromptDataModule:
+    return PromptDataModule(
+        train=ListSource(problems(n_train)),
+        val=ListSource(problems(n_val, prefix="v")) if n_val else None,
+        tokenizer=tokenizer,
+        system_prompt="Answer briefly.",
+        batch_size=batch_size,
+        val_batch_size=batch_size,
+        max_prompt_length=256,
+    )
+
+
+def make_trainer(max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=list(callbacks), **defaults)

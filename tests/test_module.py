@@ -1,0 +1,203 @@
+"""The LightningModule on a tiny model: updates, NSR-PreRL behaviour, the DSRL switch, resume, NaN."""
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+import prerl.module as module_lib
+from helpers import PatternReward, make_datamodule, make_module, make_trainer
+from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalNSR, MarginalRL
+from prerl.scoring import score_responses
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.policy.named_parameters()}
+
+
+def _changed(before, module):
+    return [k for k, v in module.policy.named_parameters() if not torch.equal(before[k], v.detach())]
+
+
+def _fit(module, max_steps=1, callbacks=(), seed=0, **trainer_kwargs):
+    L.seed_everything(seed)
+    dm = make_datamodule(module.tokenizer)
+    module.configure_model()
+    before = _params(module)
+    trainer = make_trainer(max_steps, callbacks, **trainer_kwargs)
+    trainer.fit(module, datamodule=dm)
+    return trainer, before
+
+
+class RecordRollouts:
+    """Wrap module.sample to keep every training rollout."""
+
+    def __init__(self, module):
+        self.rollouts = []
+        original = module.sample
+
+        def sample(*args, **kwargs):
+            rollout = original(*args, **kwargs)
+            if module.training:
+                self.rollouts.append(rollout)
+            return rollout
+
+        module.sample = sample
+
+
+class PhaseLog(Callback):
+    def __init__(self):
+        self.phases = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.phases.append(pl_module.phase)
+
+
+def test_grpo_step_changes_every_parameter():
+    module = make_module(ConditionalRL(advantage="grpo"))
+    trainer, before = _fit(module)
+    assert trainer.global_step == 1
+    changed = _changed(before, module)
+    assert len(changed) == len(before)
+
+
+@pytest.mark.parametrize("convention, expect_update", [("group_mean", False), ("fixed", True)])
+def test_nsr_prerl_uniform_groups(convention, expect_update):
+    """Authors' convention: all-right and all-wrong groups carry no gradient; the NSR paper's does."""
+    reward = PatternReward((1, 1, 0, 0))  # G=2: group 0 all right, group 1 all wrong, per batch of 2
+    module = make_module(MarginalNSR(convention=convention), reward=reward, group_size=2)
+    trainer, before = _fit(module, max_steps=2, max_epochs=1, limit_train_batches=2)
+    if expect_update:
+        assert trainer.global_step == 2 and _changed(before, module)
+    else:
+        assert trainer.global_step == 0 and not _changed(before, module)
+        assert module.no_signal_total == 2
+
+
+def test_zero_gradient_for_uniform_groups_group_mean():
+    obj = MarginalNSR()
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    adv = obj.advantages(rewards, 2)
+    assert not obj.keep(adv).any()
+
+
+def test_one_nsr_prerl_step_lowers_marginal_logprob_of_penalised_responses():
+    module = make_module(MarginalNSR(), reward=PatternReward((1, 0)), lr=1e-3, max_new_tokens=12)
+    recorder = RecordRollouts(module)
+    _fit(module)
+    rollout = recorder.rollouts[0]
+    wrong = rollout.rewards < 0.5
+    batch = MarginalRL().select(rollout, torch.zeros_like(rollout.rewards), wrong)
+    fresh = make_module(MarginalNSR())
+    fresh.configure_model()
+
+    def total(model):
+        with torch.no_grad():
+            lp, _ = score_responses(model, batch.prefix_ids, batch.prefix_mask, batch.response_ids, batch.response_mask)
+        return lp.sum(dim=1)
+
+    before, after = total(fresh.policy), total(module.policy)
+    assert torch.all(after < before), (before, after)
+
+
+def test_phase1_step_scores_only_kept_rows_in_marginal_space(monkeypatch):
+    calls = []
+
+    def spy(policy, prefix_ids, prefix_mask, response_ids, response_mask, **kw):
+        calls.append((prefix_ids.shape, response_ids.shape[0]))
+        return score_responses(policy, prefix_ids, prefix_mask, response_ids, response_mask, **kw)
+
+    monkeypatch.setattr(module_lib, "score_responses", spy)
+    schedule = DualSpaceSchedule(MarginalNSR(), ConditionalRL(), switch_step=5)
+    module = make_module(schedule, reward=PatternReward((1, 0)), diagnostics_every_n_steps=0)
+    _fit(module)
+    assert calls, "the update ran no forward pass"
+    assert all(shape[1] == 1 for shape, _ in calls), "a phase-1 step ran a conditional forward"
+    assert sum(rows for _, rows in calls) == 4  # 2 prompts x 4 samples, half wrong
+
+
+def test_dsrl_switches_at_exactly_step_s():
+    schedule = DualSpaceSchedule(MarginalNSR(), ConditionalRL(), switch_step=3)
+    module = make_module(schedule, diagnostics_every_n_steps=0)
+    phases = PhaseLog()
+    trainer, _ = _fit(module, max_steps=5, callbacks=[phases])
+    assert phases.phases == [0, 0, 0, 1, 1]
+    assert trainer.global_step == 5
+
+
+def test_dsrl_resume_before_switch_continues_phase1_and_switches_at_s(tmp_path):
+    def run(max_steps, ckpt_path=None):
+        schedule = DualSpaceSchedule(MarginalNSR(), ConditionalRL(), switch_step=3)
+        module = make_module(schedule, diagnostics_every_n_steps=0)
+        phases = PhaseLog()
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=-1)
+        L.seed_everything(0)
+        trainer = make_trainer(max_steps, [phases, ckpt], enable_checkpointing=True)
+        trainer.fit(module, datamodule=make_datamodule(module.tokenizer), ckpt_path=ckpt_path)
+        return module, phases.phases
+
+    _, first = run(2)
+    assert first == [0, 0]
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["prerl_state"]["phase"] == 0 and saved["global_step"] == 2
+    module, resumed = run(5, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed == [0, 1, 1]  # steps 2, 3, 4
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["prerl_state"]["phase"] == 1
+
+
+def test_nonfinite_loss_is_skipped_counted_and_stops_with_checkpoint_intact(tmp_path):
+    objective = ConditionalRL()
+    module = make_module(objective, max_consecutive_nonfinite=2)
+    original_loss = objective.loss
+
+    class BreakAfterFirstStep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:
+                objective.loss = lambda *a, **k: (original_loss(*a, **k)[0] * float("nan"), {})
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    with pytest.raises(module_lib.NonFiniteLossError, match="2 consecutive updates"):
+        _fit(module, max_steps=10, callbacks=[BreakAfterFirstStep(), ckpt], enable_checkpointing=True)
+    assert module.nonfinite_total == 2
+    files = sorted(tmp_path.glob("*.ckpt"))
+    assert len(files) == 1
+    state = torch.load(files[0], weights_only=False)
+    assert state["global_step"] == 1
+    for name, value in module.policy.named_parameters():  # skipped updates changed nothing
+        torch.testing.assert_close(state["state_dict"][f"policy.{name}"], value.detach())
+
+
+def test_validation_avg_at_k_and_pass_at_k():
+    module = make_module(ConditionalRL(), reward=PatternReward((1, 0)))
+    dm = make_datamodule(module.tokenizer)
+    trainer = make_trainer(1, limit_val_batches=None)
+    (metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
+    assert metrics["val/avg@2"] == pytest.approx(0.5)
+    assert metrics["val/pass@2"] == pytest.approx(1.0)
+    assert metrics["val/reward_timeouts"] == 0
+
+
+def test_several_updates_per_rollout_batch():
+    module = make_module(ConditionalRL(), update={"epochs": 2, "mini_batches": 2, "micro_batch_size": 2})
+    trainer, before = _fit(module, max_steps=4)
+    assert trainer.global_step == 4
+    assert module.no_signal_total == 0 and _changed(before, module)
+
+
+def test_micro_batch_size_does_not_change_the_update():
+    results = []
+    for micro in (1, 8):
+        module = make_module(
+            ConditionalRL(loss_agg="seq-mean-token-mean"),
+            update={"micro_batch_size": micro, "max_grad_norm": 1e9},
+            optimizer=functools.partial(torch.optim.SGD, lr=1.0),  # AdamW's first step is ~sign(g)
+        )
+        _fit(module, seed=3)
+        results.append(_params(module))
+    initial = dict(make_module(ConditionalRL()).model_spec.build_model().named_parameters())
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(results[0][n], initial[n].detach()) for n in results[0])
