@@ -1,0 +1,56 @@
+"""Model specs (instantiated by Hydra from configs/model/*.yaml) and policy helpers.
+
+Public names are imported lazily (PEP 562), so ``python -m prerl.models.smollm2`` and light
+imports such as ``from prerl.models.params import count_parameters`` stay cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ModelSpec": "spec",
+    "DTYPES": "spec",
+    "resolve_dtype": "spec",
+    "align_generation_config": "spec",
+    "TinyModelSpec": "tiny",
+    "SmolLM2Spec": "smollm2",
+    "convert_smollm2": "smollm2",
+    "HFModelSpec": "hf",
+    "ModelUnavailableError": "hf",
+    "LoraSettings": "lora",
+    "apply_lora": "lora",
+    "is_lora_model": "lora",
+    "ParamCount": "params",
+    "count_parameters": "params",
+    "trainable_parameters": "params",
+    "unwrap_policy": "params",
+    "CHATML_TEMPLATE": "tokenizer",
+    "build_tiny_tokenizer": "tokenizer",
+    "configure_chat_tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .hf import HFModelSpec, ModelUnavailableError
+    from .lora import LoraSettings, apply_lora, is_lora_model
+    from .params import ParamCount, count_parameters, trainable_parameters, unwrap_policy
+    from .smollm2 import SmolLM2Spec, convert_smollm2
+    from .spec import DTYPES, ModelSpec, align_generation_config, resolve_dtype
+    from .tiny import TinyModelSpec
+    from .tokenizer import CHATML_TEMPLATE, build_tiny_tokenizer, configure_chat_tokenizer
