@@ -201,3 +201,10 @@ def test_micro_batch_size_does_not_change_the_update():
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=1e-5)
     assert any(not torch.equal(results[0][n], initial[n].detach()) for n in results[0])
+
+
+def test_persistent_lack_of_signal_stops_with_clear_error():
+    module = make_module(ConditionalRL(), reward=PatternReward((0,)), max_consecutive_no_signal=3)
+    with pytest.raises(module_lib.NoLearningSignalError, match="3 consecutive batches had no learning signal"):
+        _fit(module, max_steps=5)
+    assert module.no_signal_total == 3 and module.global_step == 0

@@ -37,6 +37,10 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive updates had a NaN or infinite loss or gradient norm."""
 
 
+class NoLearningSignalError(RuntimeError):
+    """Too many consecutive batches in which every kept response had advantage 0."""
+
+
 @dataclass
 class RolloutConfig:
     """How responses are sampled for training (method.md: 8 responses at T = 1.0)."""
@@ -93,6 +97,9 @@ class PreRLModule(LightningModule):
         diagnostics_every_n_steps: every N updates also score all responses in both spaces
             (entropies, log-prob gap); 0 disables. Costs two extra no-grad forwards.
         max_consecutive_nonfinite: stop after this many skipped non-finite updates in a row.
+        max_consecutive_no_signal: stop after this many batches in a row without learning
+            signal (each is skipped without an update); without it, a task the policy never
+            solves would loop forever, since ``max_steps`` counts updates.
         num_text_samples: responses kept from each rollout for the text-sample logger.
     """
 
@@ -109,6 +116,7 @@ class PreRLModule(LightningModule):
         lr_warmup_steps: int = 0,
         diagnostics_every_n_steps: int = 10,
         max_consecutive_nonfinite: int = 3,
+        max_consecutive_no_signal: int = 50,
         num_text_samples: int = 4,
     ):
         super().__init__()
@@ -127,6 +135,7 @@ class PreRLModule(LightningModule):
         self.lr_warmup_steps = lr_warmup_steps
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.max_consecutive_no_signal = max_consecutive_no_signal
         self.num_text_samples = num_text_samples
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
@@ -135,6 +144,7 @@ class PreRLModule(LightningModule):
         self.consecutive_nonfinite = 0
         self.nonfinite_total = 0
         self.no_signal_total = 0
+        self.consecutive_no_signal = 0
         self.last_samples: list[dict[str, Any]] = []
         self.val_accuracy = MeanMetric()
         self.val_pass = MeanMetric()
@@ -176,6 +186,7 @@ class PreRLModule(LightningModule):
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "nonfinite_total": self.nonfinite_total,
             "no_signal_total": self.no_signal_total,
+            "consecutive_no_signal": self.consecutive_no_signal,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -186,6 +197,7 @@ class PreRLModule(LightningModule):
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         self.nonfinite_total = int(state["nonfinite_total"])
         self.no_signal_total = int(state["no_signal_total"])
+        self.consecutive_no_signal = int(state["consecutive_no_signal"])
 
     def set_phase(self, phase: int) -> None:
         if not 0 <= phase < len(self.phases):
@@ -339,10 +351,9 @@ class PreRLModule(LightningModule):
             metrics.update(self._diagnostics(rollout))
 
         if not self._any(signal):
-            # Every kept response has advantage 0 (e.g. all groups all-right or all-wrong).
-            self.no_signal_total += 1
-            log.info("step %d: no learning signal in this batch; update skipped", self.global_step)
+            self._skip_no_signal()
         else:
+            self.consecutive_no_signal = 0
             metrics.update(self._update(terms))
         metrics["skipped_no_signal"] = torch.tensor(float(self.no_signal_total))
         metrics["nonfinite_updates"] = torch.tensor(float(self.nonfinite_total))
@@ -355,6 +366,20 @@ class PreRLModule(LightningModule):
         batch_size = batch["prompt_ids"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=batch_size)
         self.log("train/accuracy_bar", metrics["accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
+
+    def _skip_no_signal(self) -> None:
+        # Every kept response has advantage 0 (e.g. all groups all-right or all-wrong).
+        self.no_signal_total += 1
+        self.consecutive_no_signal += 1
+        log.info("step %d: no learning signal in this batch; update skipped", self.global_step)
+        if self.consecutive_no_signal >= self.max_consecutive_no_signal:
+            raise NoLearningSignalError(
+                f"{self.consecutive_no_signal} consecutive batches had no learning signal (every group "
+                f"all-right or all-wrong for the active objective) at step {self.global_step}. The task "
+                "is too hard or too easy for this policy, or the reward never fires: check the "
+                "text samples, the verifier's extraction mode and the data difficulty "
+                f"(limit: module.max_consecutive_no_signal={self.max_consecutive_no_signal})."
+            )
 
     def _keep_text_samples(self, rollout: Rollout) -> None:
         self.last_samples = [
