@@ -1,16 +1,20 @@
 """The LightningModule on a tiny model: updates, NSR-PreRL behaviour, the DSRL switch, resume, NaN."""
 
 import functools
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import OmegaConf
 
 import prerl.module as module_lib
 from helpers import PatternReward, make_datamodule, make_module, make_trainer
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalNSR, MarginalRL
 from prerl.scoring import score_responses
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _params(module):
@@ -208,3 +212,15 @@ def test_persistent_lack_of_signal_stops_with_clear_error():
     with pytest.raises(module_lib.NoLearningSignalError, match="3 consecutive batches had no learning signal"):
         _fit(module, max_steps=5)
     assert module.no_signal_total == 3 and module.global_step == 0
+
+
+def test_validate_fit_with_validation_validate():
+    """Metric states created by a validate() before fit() stay usable in fit's own validation."""
+    module = make_module(ConditionalRL(), reward=PatternReward((1, 0)))
+    dm = make_datamodule(module.tokenizer, n_train=8, batch_size=4)
+    inference_mode = OmegaConf.load(ROOT / "configs" / "trainer" / "default.yaml").inference_mode
+    trainer = make_trainer(4, limit_val_batches=None, check_val_every_n_epoch=1, inference_mode=inference_mode)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    trainer.fit(module, datamodule=dm)  # 2 batches per epoch: validates twice inside fit
+    (metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
+    assert trainer.global_step == 4 and metrics["val/avg@2"] == pytest.approx(0.5)

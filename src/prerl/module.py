@@ -25,6 +25,7 @@ from lightning import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torchmetrics import MeanMetric, SumMetric
 
+from prerl.fsdp import generation_model
 from prerl.metrics import pass_at_k, rollout_metrics, space_diagnostics
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, UpdateBatch, phases_of
 from prerl.rollout import Rollout, decode, eos_ids, generate
@@ -157,11 +158,17 @@ class PreRLModule(LightningModule):
         # Built here, not in __init__, so a sharding strategy can wrap it as it is created.
         if self.policy is not None:
             return
-        self.policy = self.model_spec.build_model()
+        # from_pretrained returns eval mode; Lightning keeps module modes, so train explicitly.
+        policy = self.model_spec.build_model().train()
         needs_reference = any(obj.kl_coef for phase in self.phases for obj, _ in phase)
-        if needs_reference and not hasattr(self.policy, "disable_adapter"):
+        if needs_reference and not hasattr(policy, "disable_adapter"):
             # Full fine-tuning needs a frozen copy; with LoRA the adapter is switched off instead.
-            self.ref_policy = self.model_spec.build_model().requires_grad_(False).eval()
+            self.ref_policy = self._shard(self.model_spec.build_model().requires_grad_(False).eval())
+        self.policy = self._shard(policy)
+
+    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return strategy.shard_policy(model) if hasattr(strategy, "shard_policy") else model
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -173,7 +180,8 @@ class PreRLModule(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_callbacks(self):
-        if isinstance(self.objective, DualSpaceSchedule):
+        # Only fitting needs the switch (validation/test runs would just re-register it).
+        if isinstance(self.objective, DualSpaceSchedule) and self.trainer.state.fn == "fit":
             from prerl.callbacks.phase_switch import PhaseSwitch
 
             return [PhaseSwitch(self.objective.switch_step, self.objective.reset_optimizer)]
@@ -222,19 +230,20 @@ class PreRLModule(LightningModule):
         self.policy.eval()
         try:
             eos = eos_ids(getattr(self.policy, "generation_config", None), self.tokenizer)
-            response_ids, response_mask, truncated = generate(
-                self.policy,
-                batch["prompt_ids"],
-                batch["prompt_mask"],
-                num_samples=num_samples,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                eos_token_ids=eos,
-                pad_token_id=self.tokenizer.pad_token_id,
-                synced_gpus=self._is_sharded(),
-            )
+            with generation_model(self.policy) as model:
+                response_ids, response_mask, truncated = generate(
+                    model,
+                    batch["prompt_ids"],
+                    batch["prompt_mask"],
+                    num_samples=num_samples,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    eos_token_ids=eos,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    synced_gpus=self._is_sharded(),
+                )
         finally:
             self.policy.train(was_training)
         rep = lambda t: t.repeat_interleave(num_samples, dim=0)  # noqa: E731

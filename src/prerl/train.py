@@ -35,9 +35,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     """Instantiate data, module and trainer. The network itself is built later in configure_model."""
     spec = hydra.utils.instantiate(cfg.model)
     tokenizer = spec.build_tokenizer()  # fails early on a bad model path
-    datamodule = hydra.utils.instantiate(
-        cfg.data, tokenizer=tokenizer, chat_template_kwargs=spec.chat_template_kwargs
-    )
+    # The model's chat-template options (e.g. Qwen3 enable_thinking) complete the data's.
+    template_kwargs = {**(cfg.data.get("chat_template_kwargs") or {}), **spec.chat_template_kwargs}
+    datamodule = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer, chat_template_kwargs=template_kwargs)
     module = hydra.utils.instantiate(
         cfg.module,
         model=spec,
