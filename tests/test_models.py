@@ -159,8 +159,10 @@ def test_tiny_model_dtype_and_arch(arch, dtype, tiny_tokenizer):
 def test_invalid_options_raise():
     with pytest.raises(ValueError, match="dtype"):
         TinyModelSpec(dtype="fp8")
-    with pytest.raises(NotImplementedError, match="quantization"):
-        TinyModelSpec(quantization={"load_in_4bit": True})
+    with pytest.raises(ValueError, match="unknown quantization keys"):
+        TinyModelSpec(quantization={"load_in_4bit": True}, lora={"r": 2})
+    with pytest.raises(ValueError, match="needs model.lora"):  # more in tests/test_qlora.py
+        TinyModelSpec(quantization="nf4")
     with pytest.raises(ValueError, match="unknown lora keys"):
         TinyModelSpec(lora={"rank": 8})
     with pytest.raises(ValueError, match="arch"):

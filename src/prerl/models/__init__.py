@@ -22,6 +22,14 @@ _EXPORTS = {
     "LoraSettings": "lora",
     "apply_lora": "lora",
     "is_lora_model": "lora",
+    "QuantizationSettings": "quant",
+    "is_quantized": "quant",
+    "disable_cpu_inference_repacking": "quant",
+    "adapter_state_dict": "export",
+    "trainable_state_dict": "export",
+    "load_trainable_state_dict": "export",
+    "merged_state_dict": "export",
+    "export_pretrained": "export",
     "ParamCount": "params",
     "count_parameters": "params",
     "trainable_parameters": "params",
@@ -49,6 +57,14 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .hf import HFModelSpec, ModelUnavailableError
     from .lora import LoraSettings, apply_lora, is_lora_model
+    from .quant import QuantizationSettings, disable_cpu_inference_repacking, is_quantized
+    from .export import (
+        adapter_state_dict,
+        export_pretrained,
+        load_trainable_state_dict,
+        merged_state_dict,
+        trainable_state_dict,
+    )
     from .params import ParamCount, count_parameters, trainable_parameters, unwrap_policy
     from .smollm2 import SmolLM2Spec, convert_smollm2
     from .spec import DTYPES, ModelSpec, align_generation_config, resolve_dtype

@@ -150,5 +150,6 @@ class HFModelSpec(ModelSpec):
             self.resolve(),
             dtype=self.dtype,
             attn_implementation=self.attn_implementation,
+            **self._quantization_kwargs(),
             **self._from_pretrained_kwargs(),
         )

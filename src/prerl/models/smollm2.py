@@ -183,7 +183,10 @@ class SmolLM2Spec(ModelSpec):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(
-            self.ensure_converted(), dtype=self.dtype, attn_implementation=self.attn_implementation
+            self.ensure_converted(),
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            **self._quantization_kwargs(),
         )
 
 

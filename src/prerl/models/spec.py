@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .lora import LoraSettings, apply_lora
+from .quant import QuantizationSettings, prepare_quantized_model
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -58,7 +59,13 @@ class ModelSpec(abc.ABC):
         attn_implementation: HF attention backend ("sdpa" default, "eager", "flash_attention_2", ...).
         chat_template_kwargs: extra kwargs for ``tokenizer.apply_chat_template`` (e.g.
             ``{"enable_thinking": False}`` for Qwen3), exposed as ``spec.chat_template_kwargs``.
-        quantization: must be None for now (a later issue adds NF4 QLoRA).
+        quantization: None (full-precision base), or 4-bit QLoRA: the shorthand "nf4" / "fp4",
+            or a mapping / :class:`~prerl.models.quant.QuantizationSettings` (type, double_quant,
+            compute_dtype, quant_storage). The base is loaded through
+            ``transformers.BitsAndBytesConfig``; requires ``lora`` (a 4-bit base cannot be
+            trained). Parameters that are not quantised (embeddings, norms, LM head) stay in
+            ``dtype`` (see :mod:`prerl.models.quant` for why peft's
+            ``prepare_model_for_kbit_training`` is not used).
         seed: seed of the RNG used for random initialisation (tiny models, LoRA adapters); the
             global torch RNG is left untouched.
     """
@@ -74,12 +81,6 @@ class ModelSpec(abc.ABC):
         quantization: Any = None,
         seed: int = 0,
     ) -> None:
-        if quantization is not None:
-            raise NotImplementedError(
-                f"model.quantization={quantization!r} is not supported yet: only None (no "
-                "quantisation) is accepted. 4-bit NF4 QLoRA (bitsandbytes) is planned; until "
-                "then use lora=... on an unquantised model."
-            )
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(
                 f"attn_implementation={attn_implementation!r}; use one of {list(ATTN_IMPLEMENTATIONS)}"
@@ -87,10 +88,16 @@ class ModelSpec(abc.ABC):
         self.dtype_name = str(dtype)
         self.dtype = resolve_dtype(dtype)
         self.lora = LoraSettings.from_any(lora)
+        self.quantization = QuantizationSettings.from_any(quantization)
+        if self.quantization is not None and self.lora is None:
+            raise ValueError(
+                f"model.quantization={self.quantization.type!r} needs model.lora: a 4-bit quantised base "
+                "cannot be trained directly (QLoRA trains LoRA adapters on a frozen 4-bit base). "
+                "Set model.lora (e.g. {r: 16, alpha: 32}) or model.quantization=null."
+            )
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.attn_implementation = attn_implementation
         self.chat_template_kwargs: dict[str, Any] = _plain(chat_template_kwargs) if chat_template_kwargs else {}
-        self.quantization = None
         self.seed = int(seed)
 
     # ----------------------------------------------------------------- to be implemented
@@ -105,15 +112,30 @@ class ModelSpec(abc.ABC):
 
     @abc.abstractmethod
     def _build_base_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-        """The plain HF causal LM in ``self.dtype`` with ``self.attn_implementation``."""
+        """The plain HF causal LM in ``self.dtype`` with ``self.attn_implementation``, loaded with
+        ``quantization_config=self.quantization_config()`` when that is not None."""
+
+    def quantization_config(self):
+        """The ``transformers.BitsAndBytesConfig`` of ``self.quantization``, or None."""
+        return None if self.quantization is None else self.quantization.bnb_config()
+
+    def _quantization_kwargs(self) -> dict[str, Any]:
+        """``{"quantization_config": ...}`` for ``from_pretrained`` when quantised, else ``{}``."""
+        config = self.quantization_config()
+        return {} if config is None else {"quantization_config": config}
 
     # ----------------------------------------------------------------- common logic
     def build_model(self) -> torch.nn.Module:
         """The policy: an HF causal LM (peft-wrapped if ``lora`` is set) whose
         ``generation_config`` agrees with ``build_tokenizer()`` on eos / pad ids and samples
-        from the untruncated distribution (temperature 1, no top-k / top-p)."""
+        from the untruncated distribution (temperature 1, no top-k / top-p).
+
+        With ``quantization`` the 4-bit layers get the bitsandbytes CPU fix
+        (:func:`~prerl.models.quant.disable_cpu_inference_repacking`) before anything runs."""
         tokenizer = self.build_tokenizer()
         model = self._build_base_model(tokenizer)
+        if self.quantization is not None:
+            prepare_quantized_model(model)
         align_generation_config(model, tokenizer)
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -144,6 +166,7 @@ class ModelSpec(abc.ABC):
             **self._repr_fields(),
             "dtype": self.dtype_name,
             "lora": self.lora,
+            "quantization": self.quantization,
             "gradient_checkpointing": self.gradient_checkpointing,
             "attn_implementation": self.attn_implementation,
             "chat_template_kwargs": self.chat_template_kwargs,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import torch
@@ -98,4 +99,23 @@ class TinyModelSpec(ModelSpec):
             model = AutoModelForCausalLM.from_config(
                 config, dtype=self.dtype, attn_implementation=self.attn_implementation
             )
+        if self.quantization is None:
+            return model
+        # 4-bit: go through the exact path real checkpoints take (from_pretrained with a
+        # BitsAndBytesConfig): save the random weights to a temp folder and reload them quantised.
+        # bitsandbytes' quantisation is deterministic, so same seed -> bit-identical 4-bit weights.
+        # device_map cpu: like the unquantised tiny model (transformers would otherwise put a 4-bit
+        # model on the current CUDA device); Lightning moves it to the accelerator later.
+        with tempfile.TemporaryDirectory(prefix="prerl-tiny-") as tmp:
+            model.save_pretrained(tmp)
+            del model
+            model = AutoModelForCausalLM.from_pretrained(
+                tmp,
+                dtype=self.dtype,
+                attn_implementation=self.attn_implementation,
+                device_map={"": "cpu"},
+                **self._quantization_kwargs(),
+            )
+        model.config._name_or_path = ""  # like from_config: no folder to point at (it is gone)
+        model.name_or_path = ""
         return model
