@@ -25,6 +25,7 @@ from lightning import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torchmetrics import MeanMetric, SumMetric
 
+from prerl.checkpointing import capture_rng_state, restore_rng_state
 from prerl.fsdp import generation_model
 from prerl.metrics import pass_at_k, rollout_metrics, space_diagnostics
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, UpdateBatch, phases_of
@@ -146,6 +147,7 @@ class PreRLModule(LightningModule):
         self.nonfinite_total = 0
         self.no_signal_total = 0
         self.consecutive_no_signal = 0
+        self._pending_rng: dict | None = None
         self.last_samples: list[dict[str, Any]] = []
         self.val_accuracy = MeanMetric()
         self.val_pass = MeanMetric()
@@ -188,7 +190,20 @@ class PreRLModule(LightningModule):
         return []
 
     # ---------------------------------------------------------------- state in checkpoints
+    def _trainable_keys(self) -> set[str]:
+        # FSDP and activation checkpointing insert wrapper names that state dicts leave out.
+        names = (n for n, p in self.named_parameters() if p.requires_grad)
+        return {n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "") for n in names}
+
+    def _adapter_only(self) -> bool:
+        return hasattr(self.policy, "disable_adapter") or hasattr(getattr(self.policy, "module", None), "disable_adapter")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._adapter_only() and isinstance(checkpoint.get("state_dict"), dict):
+            # LoRA: the frozen (possibly 4-bit) base is rebuilt from the model spec; save adapters only.
+            keep = self._trainable_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["prerl_rng"] = self._gather_rng_states()
         checkpoint["prerl_state"] = {
             "phase": self.phase,
             "consecutive_nonfinite": self.consecutive_nonfinite,
@@ -197,10 +212,30 @@ class PreRLModule(LightningModule):
             "consecutive_no_signal": self.consecutive_no_signal,
         }
 
+    def _gather_rng_states(self) -> list[dict]:
+        """Every rank's generator states, in rank order (each rank samples with its own)."""
+        state = capture_rng_state()
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return [state]
+        states: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(states, state)
+        return states
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("prerl_state")
         if state is None:
             raise KeyError("checkpoint has no 'prerl_state': it was not written by PreRLModule")
+        if self._adapter_only() and isinstance(checkpoint.get("state_dict"), dict):
+            missing = self._trainable_keys() - set(checkpoint["state_dict"])
+            if missing:
+                raise KeyError(f"adapter checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+            self.strict_loading = False  # the frozen base comes from the model spec, not the checkpoint
+        rng = checkpoint.get("prerl_rng") or []
+        rank = self.global_rank if self._trainer is not None else 0
+        if len(rng) == max(self.trainer.world_size if self._trainer is not None else 1, 1):
+            self._pending_rng = rng[rank]
+        else:
+            log.warning("checkpoint has RNG states for %d ranks, this run has a different count: not restored", len(rng))
         self.phase = int(state["phase"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         self.nonfinite_total = int(state["nonfinite_total"])
@@ -331,6 +366,12 @@ class PreRLModule(LightningModule):
         return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=True))
 
     # ---------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restore sampling randomness as late as possible: right before the first resumed rollout.
+        if self._pending_rng is not None:
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         started = time.perf_counter()
         cfg = self.rollout_cfg

@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from prerl.checkpointing import resolve_checkpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -82,10 +84,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     summary: dict[str, Any] = {"tags": list(cfg.get("tags", [])), "output_dir": str(output_dir)}
-    if cfg.get("validate_before"):
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
+    if cfg.get("validate_before") and ckpt_path is None:  # a resumed run's "before" is its first run's
         summary["before"] = _val_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     summary["train_seconds"] = time.perf_counter() - started
     if cfg.get("validate_after"):
         summary["after"] = _val_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .collate import collate_prompts
 from .prompts import encode_prompt, resolve_context_ids
+from .sampler import ResumableSampler
 from .sources import ReasoningGymSource, Source, to_plain
 from .splits import make_split_with_stats
 
@@ -112,6 +113,7 @@ class PromptDataModule(L.LightningDataModule):
         self._train_items: list[dict] = []
         self._val_items: list[dict] = []
         self._is_setup = False
+        self._resume_point: dict | None = None
 
     # ------------------------------------------------------------------ setup
     def _check_sources(self) -> None:
@@ -213,15 +215,34 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
+        sampler = ResumableSampler(len(self._train_items), self.batch_size, seed=self.seed)
+        if self._resume_point is not None:
+            sampler.skip_batches(**self._resume_point)
+            self._resume_point = None
         return DataLoader(
             PromptDataset(self._train_items),
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=self._collate(),
             num_workers=self.num_workers,
         )
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """The data position, saved in checkpoints: the epoch and the batches already trained on.
+
+        Lightning saves checkpoints after a batch's training step, so ``processed`` counts it.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume_point = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
     def val_dataloader(self) -> DataLoader | list:
         self._require_setup()
@@ -230,7 +251,7 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(
             PromptDataset(self._val_items),
             batch_size=self.val_batch_size,
-            shuffle=False,
+            sampler=ResumableSampler(len(self._val_items), self.val_batch_size, shuffle=False, pad=True),
             drop_last=False,
             collate_fn=self._collate(),
             num_workers=self.num_workers,
