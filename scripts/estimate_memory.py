@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 try:
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(estimate_as_dict(est), indent=2))
         return 0
     time = estimate_time(geometry, setup, args.tflops, args.bandwidth_gbs, args.mfu)
-    best = max_micro_batch(geometry, replace(setup), args.gpu_memory_gb)
+    best = max_micro_batch(geometry, setup, args.gpu_memory_gb)
     print(f"GPU: {args.gpu_memory_gb:g} GiB, {args.tflops:g} TFLOP/s bf16, {args.bandwidth_gbs:g} GB/s"
           f"{f' ({args.gpu})' if args.gpu else ''}; MFU {args.mfu:g}")
     print(format_report(est, args.gpu_memory_gb, time, best))

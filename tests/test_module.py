@@ -224,3 +224,17 @@ def test_validate_fit_with_validation_validate():
     trainer.fit(module, datamodule=dm)  # 2 batches per epoch: validates twice inside fit
     (metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
     assert trainer.global_step == 4 and metrics["val/avg@2"] == pytest.approx(0.5)
+
+
+def test_chunked_generation_gives_the_same_rollout():
+    """generation_batch_size only bounds memory: greedy rollouts are unchanged by chunking."""
+    results = []
+    for chunk in (None, 4):
+        module = make_module(ConditionalRL(), rollout={"generation_batch_size": chunk, "temperature": 0.0})
+        recorder = RecordRollouts(module)
+        _fit(module, seed=5)
+        results.append(recorder.rollouts[0])
+    a, b = results
+    T = min(a.response_ids.shape[1], b.response_ids.shape[1])
+    assert torch.equal(a.response_mask.sum(1), b.response_mask.sum(1))
+    assert torch.equal(a.response_ids[:, :T] * a.response_mask[:, :T], b.response_ids[:, :T] * b.response_mask[:, :T])

@@ -257,3 +257,17 @@ def test_reward_configs_instantiate(name, rg_problems):
     responses = [r"\boxed{72}", rf"\boxed{{{g['answer']}}}", f"so it is {g['answer']}", "72"]
     expected_gym_unboxed = 1.0 if name == "default" else 0.0  # default: last_number for gym
     assert d(responses, [mp("72"), g, g, mp("72")]).rewards.tolist() == [1.0, 1.0, expected_gym_unboxed, 0.0]
+
+
+def test_random_reward_is_a_seeded_pure_function_of_its_inputs():
+    from prerl.rewards.random_reward import RandomReward
+
+    problems = [{"id": f"p{i}"} for i in range(400)]
+    responses = [f"answer {i}" for i in range(400)]
+    first = RandomReward(p=0.3, seed=1)(responses, problems).rewards
+    assert torch.equal(first, RandomReward(p=0.3, seed=1)(responses, problems).rewards)  # no hidden state
+    assert 0.22 < float(first.mean()) < 0.38
+    assert not torch.equal(first, RandomReward(p=0.3, seed=2)(responses, problems).rewards)
+    assert float(RandomReward(p=0.0)(responses, problems).rewards.sum()) == 0.0
+    with pytest.raises(ValueError, match="p must be in"):
+        RandomReward(p=1.5)

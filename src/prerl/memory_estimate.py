@@ -657,9 +657,13 @@ def estimate_memory(model: Any, setup: TrainingSetup | None = None, **overrides:
     layer_work = layer_bwd + (per_layer if s.gradient_checkpointing else 0)
     if logits >= layer_work:
         train.add(f"logits + log-softmax, backward peak ({M} x {logit_pos} x {V} x {per_elem} B)", logits)
-        train.note = f"(not summed: one-layer {'recompute + ' if s.gradient_checkpointing else ''}backward work {layer_work / GiB:.2f} GiB)"
+        what = "recompute + backward" if s.gradient_checkpointing else "backward"
+        train.note = f"(not summed: one-layer {what} work {layer_work / GiB:.2f} GiB)"
     else:
-        lbl = "one layer recomputed + its backward temporaries" if s.gradient_checkpointing else "one layer's backward temporaries"
+        if s.gradient_checkpointing:
+            lbl = "one layer recomputed + its backward temporaries"
+        else:
+            lbl = "one layer's backward temporaries"
         train.add(lbl, layer_work)
         train.note = f"(not summed: logits + log-softmax backward peak {logits / GiB:.2f} GiB)"
 

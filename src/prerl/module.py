@@ -29,7 +29,7 @@ from prerl.checkpointing import capture_rng_state, restore_rng_state
 from prerl.fsdp import generation_model
 from prerl.metrics import pass_at_k, rollout_metrics, space_diagnostics
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, UpdateBatch, phases_of
-from prerl.rollout import Rollout, decode, eos_ids, generate
+from prerl.rollout import Rollout, concat_responses, decode, eos_ids, generate
 from prerl.scoring import score_responses
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    generation_batch_size: int | None = None
 
 
 @dataclass
@@ -265,22 +266,27 @@ class PreRLModule(LightningModule):
         self.policy.eval()
         try:
             eos = eos_ids(getattr(self.policy, "generation_config", None), self.tokenizer)
+            # Generate in chunks of prompts: the KV cache grows with sequences x length.
+            chunk = max(1, (self.rollout_cfg.generation_batch_size or 10**9) // num_samples)
+            pieces = []
             with generation_model(self.policy) as model:
-                response_ids, response_mask, truncated = generate(
-                    model,
-                    batch["prompt_ids"],
-                    batch["prompt_mask"],
-                    num_samples=num_samples,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=top_k,
-                    eos_token_ids=eos,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    synced_gpus=self._is_sharded(),
-                )
+                for start in range(0, batch["prompt_ids"].shape[0], chunk):
+                    pieces.append(generate(
+                        model,
+                        batch["prompt_ids"][start : start + chunk],
+                        batch["prompt_mask"][start : start + chunk],
+                        num_samples=num_samples,
+                        max_new_tokens=max_new_tokens,
+                        temperature=temperature,
+                        top_p=top_p,
+                        top_k=top_k,
+                        eos_token_ids=eos,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        synced_gpus=self._is_sharded(),
+                    ))
         finally:
             self.policy.train(was_training)
+        response_ids, response_mask, truncated = concat_responses(pieces, self.tokenizer.pad_token_id)
         rep = lambda t: t.repeat_interleave(num_samples, dim=0)  # noqa: E731
         rollout = Rollout(
             prompt_ids=rep(batch["prompt_ids"]),

@@ -134,3 +134,24 @@ def decode(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -
     return tokenizer.batch_decode(
         [row[:n].tolist() for row, n in zip(response_ids, lengths)], skip_special_tokens=True
     )
+
+
+def concat_responses(
+    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack the outputs of several ``generate`` calls, right-padding to the longest.
+
+    Args:
+        pieces: (response_ids (n_i, T_i), response_mask (n_i, T_i), truncated (n_i,)) per call.
+    Returns:
+        response_ids (sum n_i, max T_i), response_mask (same), truncated (sum n_i,).
+    """
+    if len(pieces) == 1:
+        return pieces[0]
+    length = max(ids.shape[1] for ids, _, _ in pieces)
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)  # noqa: E731
+    return (
+        torch.cat([pad(ids, pad_token_id) for ids, _, _ in pieces]),
+        torch.cat([pad(mask, 0) for _, mask, _ in pieces]),
+        torch.cat([trunc for _, _, trunc in pieces]),
+    )
