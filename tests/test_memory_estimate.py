@@ -150,11 +150,10 @@ def test_published_totals():
     assert totals["smollm2-135m"] == 134_515_008
 
 
-def test_real_smollm2_checkpoint_parameter_count():
-    folder = ROOT / "data" / "models" / "smollm2-135m-instruct"
+@pytest.mark.slow
+def test_real_smollm2_checkpoint_parameter_count(smollm2_dir):
+    folder = Path(smollm2_dir)
     weights = folder / "model.safetensors"
-    if not weights.is_file():
-        pytest.skip("converted SmolLM2 checkpoint not present (python -m prerl.models.smollm2)")
     with weights.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
