@@ -22,29 +22,18 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    from prerl.memory_estimate import (
-        MODEL_PRESETS,
-        TrainingSetup,
-        estimate_as_dict,
-        estimate_memory,
-        estimate_time,
-        format_report,
-        max_micro_batch,
-        model_geometry,
-    )
-except ImportError:  # not installed: run from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from prerl.memory_estimate import (
-        MODEL_PRESETS,
-        TrainingSetup,
-        estimate_as_dict,
-        estimate_memory,
-        estimate_time,
-        format_report,
-        max_micro_batch,
-        model_geometry,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout
+
+from prerl.memory_estimate import (  # noqa: E402
+    MODEL_PRESETS,
+    TrainingSetup,
+    estimate_as_dict,
+    estimate_memory,
+    estimate_time,
+    format_report,
+    max_micro_batch,
+    model_geometry,
+)
 
 # Vendor datasheet peaks (dense bf16 tensor TFLOP/s, memory bandwidth GB/s), memory in GiB.
 GPUS = {

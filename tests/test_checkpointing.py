@@ -121,7 +121,7 @@ def test_lora_checkpoints_hold_adapters_only_and_export_loads_with_transformers(
     full = torch.load(ckpt, weights_only=False)
     full["state_dict"] = bad
     torch.save(full, tmp_path / "bad.ckpt")
-    with pytest.raises(KeyError, match="lacks 1 trainable"):
+    with pytest.raises(KeyError, match="lacks 1 required tensors"):
         train(_smoke(tmp_path / "again", 3, LORA, f"ckpt_path={tmp_path / 'bad.ckpt'}"))
 
 

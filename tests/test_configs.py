@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from helpers import tiny_spec
+from prerl.checkpointing import AtomicCheckpointIO
+from prerl.fsdp import PolicyFSDPStrategy
 from prerl.train import instantiate_group, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +74,14 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path):
             )
             assert module.rollout_cfg.group_size >= 1
         elif name == "trainer":
-            if node.accelerator == "gpu" and not torch.cuda.is_available():
-                assert node.precision in ("bf16-mixed", "bf16-true", "16-mixed", "32-true")
+            plugins = [hydra.utils.instantiate(p) for p in node.get("plugins") or []]
+            assert any(isinstance(p, AtomicCheckpointIO) for p in plugins)
+            if isinstance(node.strategy, DictConfig):
+                strategy = hydra.utils.instantiate(node.strategy)
+                assert isinstance(strategy, PolicyFSDPStrategy)
+                assert strategy._block_classes(spec.build_model())
+            if node.accelerator == "gpu" and not torch.cuda.is_available():  # CUDA-only: checked above
+                assert node.precision in ("bf16-mixed", "bf16-true")
                 continue
             assert hydra.utils.instantiate(node, logger=False, enable_progress_bar=False) is not None
         elif name in ("logger", "callbacks"):

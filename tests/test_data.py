@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-try:  # the package is normally installed (pip install -e .); fall back to the source tree
-    import prerl.data  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from prerl.data import (  # noqa: E402
+from prerl.data import (
     ConcatSource,
     FileSource,
     OverlapError,
@@ -35,7 +27,7 @@ from prerl.data import (  # noqa: E402
     normalize_question,
     resolve_context_ids,
 )
-from prerl.data.sources import gsm8k_gold, math_gold  # noqa: E402
+from prerl.data.sources import gsm8k_gold, math_gold
 
 REPO = Path(__file__).resolve().parents[1]
 CHATML = (

@@ -238,3 +238,24 @@ def test_chunked_generation_gives_the_same_rollout():
     T = min(a.response_ids.shape[1], b.response_ids.shape[1])
     assert torch.equal(a.response_mask.sum(1), b.response_mask.sum(1))
     assert torch.equal(a.response_ids[:, :T] * a.response_mask[:, :T], b.response_ids[:, :T] * b.response_mask[:, :T])
+
+
+def test_sparse_metrics_are_not_repeated_on_steps_that_lack_them(tmp_path):
+    """After the switch, the phase-1 loss term is NaN, not its last value; diagnostics likewise."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    schedule = DualSpaceSchedule(MarginalNSR(), ConditionalRL(), switch_step=2)
+    module = make_module(schedule, diagnostics_every_n_steps=3)
+    _fit(module, max_steps=4, logger=CSVLogger(tmp_path, name="m", version=""), log_every_n_steps=1)
+    import csv
+    import math
+
+    rows = [r for r in csv.DictReader(open(tmp_path / "m" / "metrics.csv")) if r.get("train/loss")]
+    value = lambda row, key: float(row[key]) if row.get(key) not in (None, "") else math.nan  # noqa: E731
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    marginal = [value(r, "train/pg_loss/marginal") for r in rows]
+    conditional = [value(r, "train/pg_loss/conditional") for r in rows]
+    assert not any(math.isnan(v) for v in marginal[:2]) and all(math.isnan(v) for v in marginal[2:])
+    assert all(math.isnan(v) for v in conditional[:2]) and not any(math.isnan(v) for v in conditional[2:])
+    entropy = [value(r, "train/entropy_conditional") for r in rows]
+    assert [math.isnan(v) for v in entropy] == [False, True, True, False]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -11,17 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
+import math_verify
+from math_verify.errors import TimeoutException
 
-try:
-    import prerl.rewards  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-import math_verify  # noqa: E402
-from math_verify.errors import TimeoutException  # noqa: E402
-
-from prerl.rewards import (  # noqa: E402
+from prerl.rewards import (
     DispatchReward,
     MathVerifyReward,
     ReasoningGymReward,

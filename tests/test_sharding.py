@@ -58,3 +58,12 @@ def test_strategy_validates_options_and_finds_layer_classes():
     strategy = PolicyFSDPStrategy(layer_classes=["GPTBlock"])
     with pytest.raises(ValueError, match="LlamaDecoderLayer"):
         strategy._block_classes(tiny_spec().build_model())
+
+
+def test_layer_classes_by_name_or_import_path():
+    model = tiny_spec().build_model()
+    by_name = PolicyFSDPStrategy(layer_classes=["LlamaDecoderLayer"])._block_classes(model)
+    by_path = PolicyFSDPStrategy(
+        layer_classes=["transformers.models.llama.modeling_llama.LlamaDecoderLayer"]
+    )._block_classes(model)
+    assert by_name == by_path and [c.__name__ for c in by_name] == ["LlamaDecoderLayer"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import shutil
 from pathlib import Path
@@ -65,8 +66,9 @@ class PolicyFSDPStrategy(FSDPStrategy):
     """Lightning FSDP1 whose policy is sharded per transformer block by the module.
 
     Args:
-        layer_classes: class names of the transformer blocks (e.g. ``Qwen3DecoderLayer``); each
-            becomes an FSDP unit. Names absent from the model are ignored, at least one must match.
+        layer_classes: the transformer block classes, as names (``Qwen3DecoderLayer``) or import
+            paths (``transformers.models.qwen3.modeling_qwen3.Qwen3DecoderLayer``); each block
+            becomes an FSDP unit. Classes absent from the model are ignored; one must match.
         wrap_policy: ``layers`` (one unit per block) or ``peft`` (peft's LoRA-aware policy, which
             also puts trainable LoRA weights in their own units: use it for (Q)LoRA).
         activation_checkpointing: recompute each block's activations in the backward pass.
@@ -98,7 +100,14 @@ class PolicyFSDPStrategy(FSDPStrategy):
         return self.root_device if self.root_device.type == "cuda" else torch.device("cpu")
 
     def _block_classes(self, policy: torch.nn.Module) -> set[type]:
-        classes = {type(m) for m in policy.modules() if type(m).__name__ in self.layer_classes}
+        # Dotted paths are imported; bare names match the model's module classes by name.
+        wanted = {name for name in self.layer_classes if "." not in name}
+        classes = {type(m) for m in policy.modules() if type(m).__name__ in wanted}
+        for path in (name for name in self.layer_classes if "." in name):
+            module_name, _, attr = path.rpartition(".")
+            cls = getattr(importlib.import_module(module_name), attr)
+            if any(isinstance(m, cls) for m in policy.modules()):
+                classes.add(cls)
         if not classes:
             names = sorted({type(m).__name__ for m in policy.modules() if "Layer" in type(m).__name__})
             raise ValueError(

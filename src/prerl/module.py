@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torchmetrics import MeanMetric, SumMetric
 
 from prerl.checkpointing import capture_rng_state, restore_rng_state
+from prerl.config_fields import from_mapping
 from prerl.fsdp import generation_model
 from prerl.metrics import pass_at_k, rollout_metrics, space_diagnostics
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, UpdateBatch, phases_of
@@ -76,15 +77,6 @@ class ValidationConfig:
     top_p: float = 1.0
 
 
-def _config(cls, values: dict | None):
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**values)
-
-
 class PreRLModule(LightningModule):
     """Policy + objective(s) for PreRL, NSR-PreRL, DSRL and the post-train baselines.
 
@@ -105,6 +97,9 @@ class PreRLModule(LightningModule):
             solves would loop forever, since ``max_steps`` counts updates.
         num_text_samples: responses kept from each rollout for the text-sample logger.
     """
+
+    # Training state saved in checkpoints besides weights and optimizer (the DSRL phase, counters).
+    STATE_KEYS = ("phase", "consecutive_nonfinite", "nonfinite_total", "no_signal_total", "consecutive_no_signal")
 
     def __init__(
         self,
@@ -130,9 +125,9 @@ class PreRLModule(LightningModule):
         self.phases = phases_of(objective)
         self.reward = reward
         self.optimizer_factory = optimizer
-        self.rollout_cfg = _config(RolloutConfig, rollout)
-        self.update_cfg = _config(UpdateConfig, update)
-        self.val_cfg = _config(ValidationConfig, validation)
+        self.rollout_cfg = from_mapping(RolloutConfig, rollout, "module.rollout")
+        self.update_cfg = from_mapping(UpdateConfig, update, "module.update")
+        self.val_cfg = from_mapping(ValidationConfig, validation, "module.validation")
         if self.update_cfg.recompute_old_logprobs not in ("auto", "always"):
             raise ValueError("update.recompute_old_logprobs must be 'auto' or 'always'")
         self.lr_warmup_steps = lr_warmup_steps
@@ -142,13 +137,13 @@ class PreRLModule(LightningModule):
         self.num_text_samples = num_text_samples
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
-        # Training state saved in checkpoints (on_save_checkpoint).
         self.phase = 0
         self.consecutive_nonfinite = 0
         self.nonfinite_total = 0
         self.no_signal_total = 0
         self.consecutive_no_signal = 0
         self._pending_rng: dict | None = None
+        self._train_keys: set[str] = set()
         self.last_samples: list[dict[str, Any]] = []
         self.val_accuracy = MeanMetric()
         self.val_pass = MeanMetric()
@@ -199,19 +194,24 @@ class PreRLModule(LightningModule):
     def _adapter_only(self) -> bool:
         return hasattr(self.policy, "disable_adapter") or hasattr(getattr(self.policy, "module", None), "disable_adapter")
 
+    def _saved_keys(self) -> set[str] | None:
+        """The state-dict entries a checkpoint must hold; None = all (Lightning's default).
+
+        With LoRA only the adapters: the frozen (possibly 4-bit) base is rebuilt from the model
+        spec. A frozen KL reference copy is never saved: it is rebuilt too.
+        """
+        if self._adapter_only():
+            return self._trainable_keys()
+        if self.ref_policy is not None:
+            return {k for k in self.state_dict() if not k.startswith("ref_policy.")}
+        return None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._adapter_only() and isinstance(checkpoint.get("state_dict"), dict):
-            # LoRA: the frozen (possibly 4-bit) base is rebuilt from the model spec; save adapters only.
-            keep = self._trainable_keys()
+        keep = self._saved_keys()
+        if keep is not None and isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["prerl_rng"] = self._gather_rng_states()
-        checkpoint["prerl_state"] = {
-            "phase": self.phase,
-            "consecutive_nonfinite": self.consecutive_nonfinite,
-            "nonfinite_total": self.nonfinite_total,
-            "no_signal_total": self.no_signal_total,
-            "consecutive_no_signal": self.consecutive_no_signal,
-        }
+        checkpoint["prerl_state"] = {key: getattr(self, key) for key in self.STATE_KEYS}
 
     def _gather_rng_states(self) -> list[dict]:
         """Every rank's generator states, in rank order (each rank samples with its own)."""
@@ -226,22 +226,20 @@ class PreRLModule(LightningModule):
         state = checkpoint.get("prerl_state")
         if state is None:
             raise KeyError("checkpoint has no 'prerl_state': it was not written by PreRLModule")
-        if self._adapter_only() and isinstance(checkpoint.get("state_dict"), dict):
-            missing = self._trainable_keys() - set(checkpoint["state_dict"])
+        required = self._saved_keys()
+        if required is not None and isinstance(checkpoint.get("state_dict"), dict):
+            missing = required - set(checkpoint["state_dict"])
             if missing:
-                raise KeyError(f"adapter checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
-            self.strict_loading = False  # the frozen base comes from the model spec, not the checkpoint
+                raise KeyError(f"checkpoint lacks {len(missing)} required tensors, e.g. {sorted(missing)[:3]}")
+            self.strict_loading = False  # what the checkpoint leaves out is rebuilt from the model spec
         rng = checkpoint.get("prerl_rng") or []
-        rank = self.global_rank if self._trainer is not None else 0
-        if len(rng) == max(self.trainer.world_size if self._trainer is not None else 1, 1):
-            self._pending_rng = rng[rank]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if len(rng) == world:
+            self._pending_rng = rng[self.global_rank]
         else:
-            log.warning("checkpoint has RNG states for %d ranks, this run has a different count: not restored", len(rng))
-        self.phase = int(state["phase"])
-        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
-        self.nonfinite_total = int(state["nonfinite_total"])
-        self.no_signal_total = int(state["no_signal_total"])
-        self.consecutive_no_signal = int(state["consecutive_no_signal"])
+            log.warning("checkpoint has RNG states for %d ranks, this run has %d: not restored", len(rng), world)
+        for key in self.STATE_KEYS:
+            setattr(self, key, int(state[key]))
 
     def set_phase(self, phase: int) -> None:
         if not 0 <= phase < len(self.phases):
@@ -323,19 +321,23 @@ class PreRLModule(LightningModule):
             yield batch.rows(torch.arange(start, min(start + size, len(batch)), device=batch.advantages.device))
 
     @torch.no_grad()
-    def _score_no_grad(self, batch: UpdateBatch, model=None) -> torch.Tensor:
+    def _score_no_grad(self, batch: UpdateBatch, placeholder: UpdateBatch, model=None) -> torch.Tensor:
+        """Log-probs (M, T) of ``batch`` in micro-batches; every rank runs as many forward passes
+        (sharded forwards are collective), padding with discarded passes over ``placeholder``."""
         out = torch.zeros_like(batch.response_mask, dtype=torch.float32)
+        micro = list(self._micro_batches(batch))
         size = self.update_cfg.micro_batch_size
-        for start, micro in zip(range(0, len(batch), size), self._micro_batches(batch)):
-            logprobs, _ = self._score(micro, model=model)
-            out[start : start + len(micro), : logprobs.shape[1]] = logprobs
+        for i in range(self._all_max(len(micro))):
+            logprobs, _ = self._score(micro[i] if i < len(micro) else placeholder, model=model)
+            if i < len(micro):
+                out[i * size : i * size + len(micro[i]), : logprobs.shape[1]] = logprobs
         return out
 
-    def _reference_logprobs(self, batch: UpdateBatch) -> torch.Tensor:
+    def _reference_logprobs(self, batch: UpdateBatch, placeholder: UpdateBatch) -> torch.Tensor:
         if self.ref_policy is not None:
-            return self._score_no_grad(batch, model=self.ref_policy)
+            return self._score_no_grad(batch, placeholder, model=self.ref_policy)
         with self.policy.disable_adapter():
-            return self._score_no_grad(batch)
+            return self._score_no_grad(batch, placeholder)
 
     @torch.no_grad()
     def _diagnostics(self, rollout: Rollout) -> dict[str, torch.Tensor]:
@@ -420,7 +422,13 @@ class PreRLModule(LightningModule):
         metrics["time/update_s"] = torch.tensor(finished - sampled)
         metrics["perf/sample_tokens_per_s"] = torch.tensor(generated / max(sampled - started, 1e-9))
         batch_size = batch["prompt_ids"].shape[0]
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=batch_size)
+        logged = {f"train/{k}": v for k, v in metrics.items()}
+        # Lightning re-emits a key's last value on later steps of the epoch when it is not logged
+        # again; metrics that exist only on some steps (diagnostics, one phase's loss terms, no
+        # update) are logged as NaN there instead of a stale value.
+        self._train_keys |= logged.keys()
+        logged.update({key: torch.tensor(float("nan")) for key in self._train_keys - logged.keys()})
+        self.log_dict(logged, on_step=True, batch_size=batch_size)
         self.log("train/accuracy_bar", metrics["accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
 
     def _skip_no_signal(self) -> None:
@@ -454,11 +462,11 @@ class PreRLModule(LightningModule):
         """Run ``epochs x mini_batches`` optimizer updates over the kept rows of each term."""
         cfg = self.update_cfg
         num_updates = cfg.epochs * cfg.mini_batches
-        for objective, _, batch, _ in terms:
+        for objective, _, batch, placeholder in terms:
             if cfg.recompute_old_logprobs == "always" or num_updates > 1:
-                batch.old_logprobs = self._score_no_grad(batch)
+                batch.old_logprobs = self._score_no_grad(batch, placeholder)
             if objective.kl_coef:
-                batch.ref_logprobs = self._reference_logprobs(batch)
+                batch.ref_logprobs = self._reference_logprobs(batch, placeholder)
         totals: dict[str, float] = {}
         updates = 0
         for _ in range(cfg.epochs):

@@ -94,8 +94,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["after"] = _val_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     summary["global_step"] = trainer.global_step
     summary["final_phase"] = module.phase + 1
-    summary["train_metrics"] = {
-        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and torch.is_tensor(v)
+    summary["train_metrics"] = {  # the last update's values (NaN: not computed on that step)
+        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and not torch.isnan(v)
     }
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)

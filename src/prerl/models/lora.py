@@ -7,10 +7,12 @@ can import :func:`is_lora_model` without touching the model-building code.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from prerl.config_fields import from_mapping
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,7 @@ class LoraSettings:
         if isinstance(value, LoraSettings):
             return value
         if isinstance(value, Mapping):
-            known = {f.name for f in fields(cls)}
-            unknown = set(value) - known
-            if unknown:
-                raise ValueError(f"unknown lora keys {sorted(unknown)}; allowed: {sorted(known)}")
-            return cls(**{str(k): v for k, v in value.items()})
+            return from_mapping(cls, value, "lora")
         raise TypeError(f"lora must be None, a mapping or LoraSettings, got {type(value).__name__}")
 
     def as_dict(self) -> dict[str, Any]:

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from prerl.config_fields import from_mapping
+
 log = logging.getLogger(__name__)
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -113,11 +115,7 @@ class QuantizationSettings:
                 )
             return cls(type=value)
         if isinstance(value, Mapping):
-            known = {f.name for f in fields(cls)}
-            unknown = set(value) - known
-            if unknown:
-                raise ValueError(f"unknown quantization keys {sorted(map(str, unknown))}; allowed: {sorted(known)}")
-            return cls(**{str(k): v for k, v in value.items()})
+            return from_mapping(cls, value, "quantization")
         raise TypeError(f"quantization must be None, 'nf4', 'fp4' or a mapping, got {type(value).__name__}")
 
     @property
