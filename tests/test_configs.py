@@ -1,5 +1,6 @@
 """Every config composes and instantiates; `train(cfg)` runs every objective; bad configs fail clearly."""
 
+import json
 import os
 import subprocess
 import sys
@@ -113,6 +114,24 @@ def test_cli_entry_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "after" in proc.stdout and list(tmp_path.glob("smoke/runs/*/summary.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["ddp_sim", "fsdp_cpu"])
+def test_cli_two_process_trainers_run_dsrl(trainer, tmp_path):
+    """The multi-process configs run the whole job (validate, DSRL with switch, checkpoint, validate)."""
+    env = dict(os.environ, PRERL_ROOT=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "experiment=smoke", f"trainer={trainer}",
+         "objective.switch_step=1", "trainer.max_steps=3", f"paths.log_dir={tmp_path}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in proc.stderr + proc.stdout
+    (summary,) = tmp_path.glob("smoke/runs/*/summary.json")
+    result = json.loads(summary.read_text())
+    assert result["global_step"] == 3 and result["final_phase"] == 2
+    assert list(tmp_path.glob("smoke/runs/*/checkpoints/last.ckpt"))
 
 
 # ------------------------------------------------------------------ bad configs

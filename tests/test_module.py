@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 import prerl.module as module_lib
 from helpers import PatternReward, make_datamodule, make_module, make_trainer
+from prerl.models import LoraSettings
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalNSR, MarginalRL
 from prerl.scoring import score_responses
 
@@ -259,3 +260,28 @@ def test_sparse_metrics_are_not_repeated_on_steps_that_lack_them(tmp_path):
     assert all(math.isnan(v) for v in conditional[:2]) and not any(math.isnan(v) for v in conditional[2:])
     entropy = [value(r, "train/entropy_conditional") for r in rows]
     assert [math.isnan(v) for v in entropy] == [False, True, True, False]
+
+
+def test_kl_penalty_with_a_frozen_reference_copy(tmp_path):
+    """Full fine-tuning: the reference is a frozen copy that never moves and is never saved."""
+    module = make_module(ConditionalRL(kl_coef=0.1), lr=1e-2)
+    trainer, before = _fit(module, max_steps=2, callbacks=[PhaseLog()])
+    assert module.ref_policy is not None
+    for name, value in module.ref_policy.named_parameters():
+        assert not value.requires_grad and torch.equal(value, before[name])
+    assert trainer.callback_metrics["train/kl/conditional"] > 0  # the policy moved away from it
+    trainer.save_checkpoint(tmp_path / "kl.ckpt")
+    saved = torch.load(tmp_path / "kl.ckpt", weights_only=False)["state_dict"]
+    assert saved and not any(k.startswith("ref_policy.") for k in saved)
+    resumed = make_module(ConditionalRL(kl_coef=0.1), lr=1e-2)
+    trainer = make_trainer(3)
+    trainer.fit(resumed, datamodule=make_datamodule(resumed.tokenizer), ckpt_path=tmp_path / "kl.ckpt")
+    assert trainer.global_step == 3
+
+
+def test_kl_penalty_with_lora_uses_the_disabled_adapter_as_reference():
+    module = make_module(ConditionalRL(kl_coef=0.1), spec_kwargs=(("lora", LoraSettings(r=4, alpha=8)),))
+    trainer, _ = _fit(module, max_steps=1)
+    assert module.ref_policy is None
+    # LoRA B starts at zero: at the first update the policy equals its reference, KL is exactly 0
+    assert float(trainer.callback_metrics["train/kl/conditional"]) == 0.0
