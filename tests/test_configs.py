@@ -161,3 +161,23 @@ def test_missing_model_path_is_reported(tmp_path):
     cfg = compose_train(["experiment=smoke", "model=hf", f"model.name_or_path={tmp_path}/no_model"], output_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="no_model"):
         train(cfg)
+
+
+def test_eval_entry_scores_a_training_checkpoint(tmp_path):
+    from prerl.evaluate import evaluate
+
+    train(compose_train(["experiment=smoke", "validate_before=false"], output_dir=tmp_path / "train"))
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[
+            "model=tiny", "reward=random", "data.val.size=4", "module.validation.samples_per_problem=2",
+            "module.validation.max_new_tokens=16", f"ckpt_path={tmp_path / 'train' / 'checkpoints' / 'last.ckpt'}",
+        ])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "eval")
+    result = evaluate(cfg)
+    assert 0.0 <= result["metrics"]["val/avg@2"] <= 1.0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["ckpt_path"].endswith("last.ckpt")
+    with open_dict(cfg):
+        cfg.ckpt_path = str(tmp_path / "missing.ckpt")
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        evaluate(cfg)
