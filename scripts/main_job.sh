@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 python -m prerl.models.smollm2 --out data/models/smollm2-135m-instruct
-python src/train.py experiment=dsrl_smollm2_cpu "$@"
+python src/train.py "$@"   # experiment=dsrl_smollm2_cpu, train.yaml's default

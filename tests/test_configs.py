@@ -48,7 +48,7 @@ def _has_missing(node) -> bool:
 
 
 def test_expected_options_exist():
-    assert set(OBJECTIVES) == {"grpo", "nsr", "psr", "w_reinforce", "prerl", "nsr_prerl", "psr_prerl", "dual"}
+    assert set(OBJECTIVES) == {"grpo", "nsr", "psr", "w_reinforce", "prerl", "nsr_prerl", "psr_prerl", "dual", "dual_short"}
     assert {"default", "cpu", "gpu", "ddp_sim"} <= set(options("trainer"))
     assert "smoke" in options("experiment")
 
@@ -94,11 +94,11 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_train_runs_every_objective_on_the_tiny_model(objective, tmp_path):
     overrides = ["experiment=smoke", f"objective={objective}"]
-    if objective == "dual":
+    if objective.startswith("dual"):
         overrides.append("objective.switch_step=1")
     summary = train(compose_train(overrides, output_dir=tmp_path))
     assert summary["global_step"] == 3
-    assert summary["final_phase"] == (2 if objective == "dual" else 1)
+    assert summary["final_phase"] == (2 if objective.startswith("dual") else 1)
     assert 0.0 <= summary["before"]["val/avg@2"] <= 1.0 and "val/avg@2" in summary["after"]
     assert (tmp_path / "summary.json").is_file()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
