@@ -46,7 +46,7 @@ class NoLearningSignalError(RuntimeError):
 
 @dataclass
 class RolloutConfig:
-    """How responses are sampled for training (method.md: 8 responses at T = 1.0)."""
+    """How responses are sampled for training (docs/method.md: 8 responses at T = 1.0)."""
 
     group_size: int = 8
     max_new_tokens: int = 8192

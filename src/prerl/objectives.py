@@ -1,6 +1,6 @@
 """Objectives: swappable policy-gradient loss terms in post-train or pre-train space.
 
-An objective decides three things (method.md, "Objectives"):
+An objective decides three things (docs/method.md, "Objectives"):
 1. the advantage of each response (``grpo``, ``mean``, ``nsr``, ``psr``, ``w_reinforce``);
 2. which responses it trains on (a sample filter on the advantages);
 3. the space of the update: ``ConditionalRL`` scores y after the prompt x, log P(y|x);

@@ -1,7 +1,7 @@
 """Rollouts: sample G responses per prompt with the policy (no grad, KV cache) and package them.
 
 Sampling is always conditional, y ~ pi(. | x); only the update of a marginal objective moves to
-the question-free context (method.md, "Notation").
+the question-free context (docs/method.md, "Notation").
 """
 
 from __future__ import annotations

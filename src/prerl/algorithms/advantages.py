@@ -2,7 +2,7 @@
 
 Rewards are laid out group by group: rows ``g * G .. g * G + G - 1`` are the G responses to
 prompt g. Every estimator maps rewards ``(N,)`` to advantages ``(N,)`` with ``N = num_groups * G``.
-Formulas follow ``shared/docs/method.md`` (table "Advantages").
+Formulas follow ``docs/method.md`` (table "Advantages").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Dual Space RL switch: NSR-PreRL for S optimizer updates, then GRPO (method.md, "DSRL")."""
+"""The Dual Space RL switch: NSR-PreRL for S optimizer updates, then GRPO (docs/method.md, "DSRL")."""
 
 from __future__ import annotations
 
