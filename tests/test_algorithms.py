@@ -150,6 +150,8 @@ def _loop_aggregate(loss, mask, mode, norm_length):
             rows.append(sum(vals) / len(vals) if mode == "seq-mean-token-mean" else sum(vals) / norm_length)
     if mode == "token-mean":
         return tok_sum / max(tok_n, 1)
+    if mode == "seq-mean-token-sum-norm":
+        return sum(rows)  # verl: no division by the number of sequences
     return sum(rows) / max(len(rows), 1)
 
 
@@ -172,7 +174,9 @@ def test_aggregate_hand_computed_and_errors():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert float(aggregate(loss, mask, "token-mean")) == pytest.approx(2.0)
     assert float(aggregate(loss, mask, "seq-mean-token-mean")) == pytest.approx(2.0)  # (2 + 2) / 2
-    assert float(aggregate(loss, mask, "seq-mean-token-sum-norm", norm_length=4)) == pytest.approx((4 / 4 + 2 / 4) / 2)
+    # verl: (sum of token sums) / horizon, no division by the 2 sequences
+    assert float(aggregate(loss, mask, "seq-mean-token-sum-norm", norm_length=4)) == pytest.approx((4 + 2) / 4)
+    assert float(aggregate(loss, mask, "seq-mean-token-sum-norm")) == pytest.approx((4 + 2) / 3)  # horizon T
     assert float(aggregate(loss, torch.zeros_like(mask), "token-mean")) == 0.0
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         aggregate(loss, mask, "sum")

@@ -68,14 +68,27 @@ def test_grpo_step_changes_every_parameter():
     assert len(changed) == len(before)
 
 
-@pytest.mark.parametrize("convention, expect_update", [("group_mean", False), ("fixed", True)])
-def test_nsr_prerl_uniform_groups(convention, expect_update):
-    """Authors' convention: all-right and all-wrong groups carry no gradient; the NSR paper's does."""
+@pytest.mark.parametrize("convention, no_signal", [("group_mean", "step"), ("group_mean", "skip"), ("fixed", "step")])
+def test_nsr_prerl_uniform_groups(convention, no_signal):
+    """Authors' convention: all-right and all-wrong groups carry no gradient; the NSR paper's does.
+    Without signal the authors still step AdamW (zero gradients: only weight decay moves the
+    weights); ``no_signal=skip`` makes no update and counts no step."""
     reward = PatternReward((1, 1, 0, 0))  # G=2: group 0 all right, group 1 all wrong, per batch of 2
-    module = make_module(MarginalNSR(convention=convention), reward=reward, group_size=2)
+    lr, wd = 1e-3, 0.1
+    module = make_module(
+        MarginalNSR(convention=convention), reward=reward, group_size=2, no_signal=no_signal,
+        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=wd),
+    )
     trainer, before = _fit(module, max_steps=2, max_epochs=1, limit_train_batches=2)
-    if expect_update:
-        assert trainer.global_step == 2 and _changed(before, module)
+    if convention == "fixed":  # every wrong response gets -1: a real update
+        assert trainer.global_step == 2 and module.no_signal_total == 0
+        decayed = {k: v * (1 - lr * wd) ** 2 for k, v in before.items()}
+        assert any(not torch.allclose(decayed[k], v) for k, v in module.policy.named_parameters())
+    elif no_signal == "step":
+        assert trainer.global_step == 2 and module.no_signal_total == 2
+        for name, value in module.policy.named_parameters():  # zero gradients: weight decay only
+            torch.testing.assert_close(value.detach(), before[name] * (1 - lr * wd) ** 2, rtol=1e-6, atol=1e-8)
+        assert _changed(before, module)
     else:
         assert trainer.global_step == 0 and not _changed(before, module)
         assert module.no_signal_total == 2
@@ -209,7 +222,7 @@ def test_micro_batch_size_does_not_change_the_update():
 
 
 def test_persistent_lack_of_signal_stops_with_clear_error():
-    module = make_module(ConditionalRL(), reward=PatternReward((0,)), max_consecutive_no_signal=3)
+    module = make_module(ConditionalRL(), reward=PatternReward((0,)), max_consecutive_no_signal=3, no_signal="skip")
     with pytest.raises(module_lib.NoLearningSignalError, match="3 consecutive batches had no learning signal"):
         _fit(module, max_steps=5)
     assert module.no_signal_total == 3 and module.global_step == 0

@@ -1,5 +1,6 @@
 """Marginal and conditional scoring: manual forwards, prompt independence, no prompt gradient."""
 
+import pytest
 import torch
 
 from helpers import tiny_spec
@@ -109,3 +110,72 @@ def test_marginal_update_never_feeds_prompt_tokens():
         assert marker_ids & set(torch.cat([s.flatten() for s in seen]).tolist())
     finally:
         handle.remove()
+
+
+# ------------------------------------------------------------------ memory-light chunked log-probs
+def test_chunked_logprobs_equal_plain_on_random_inputs_values_and_gradients():
+    from prerl.algorithms import chunked_token_logprobs, entropy_from_logits, token_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    bias = torch.randn(50, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 7), generator=gen)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0  # padding
+    mask[2, :] = 0  # a row with nothing to score
+    upstream = torch.randn(2, 3, 7, generator=gen)
+
+    def grads(lp, ent):
+        (lp * upstream[0] + ent * upstream[1]).sum().backward()
+        out = [t.grad.clone() for t in (hidden, weight, bias)]
+        for t in (hidden, weight, bias):
+            t.grad = None
+        return out
+
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    plain = (token_logprobs(logits, labels, 0.7) * mask, entropy_from_logits(logits, 0.7) * mask)
+    plain_grads = grads(*plain)
+    for chunk in (1, 4, 1000):  # chunks smaller than, not dividing, and larger than the 12 tokens
+        lp, ent = chunked_token_logprobs(hidden, weight, labels, mask, 0.7, chunk, True, bias)
+        torch.testing.assert_close(lp, plain[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ent, plain[1], atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads(lp, ent), plain_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    lp, ent = chunked_token_logprobs(hidden, weight, labels, mask, chunk_tokens=4)
+    assert ent is None and torch.all(lp[mask == 0] == 0)
+
+
+def test_chunked_scoring_equals_plain_on_a_tiny_model_with_padding_and_truncation():
+    """Values and parameter gradients of score_responses agree between the two paths, on
+    left-padded prompts, a truncated response (no end token) and a one-token response."""
+    tok, _ = _policy()
+    eos = tok.eos_token_id
+    responses = [[70, 71, 72, 73, 74, 75], [80, 81, eos], [eos]]  # the first is cut at the limit
+    rollout = _rollout(tok, ["hi", "a much longer prompt than the first", "x"], responses, eos)
+    assert rollout.truncated.tolist() == [True, False, False]
+    batch = ConditionalRL().select(rollout, torch.zeros(3), torch.ones(3, dtype=torch.bool))
+    results = []
+    for chunk in (None, 3):
+        model = tiny_spec().build_model().train()
+        lp, ent = score_responses(model, batch.prefix_ids, batch.prefix_mask, batch.response_ids,
+                                  batch.response_mask, temperature=0.9, with_entropy=True, chunk_tokens=chunk)
+        (lp.sum() - 0.1 * ent.sum()).backward()
+        results.append((lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert model.get_output_embeddings().forward.__func__ is torch.nn.Linear.forward  # head restored
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
+    torch.testing.assert_close(lp_b, lp_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_b, ent_a, atol=1e-5, rtol=1e-5)
+    assert g_a.keys() == g_b.keys() and all(g.abs().sum() > 0 for g in g_a.values())
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_scoring_refuses_heads_it_cannot_reproduce():
+    from prerl.scoring import check_chunkable
+
+    model = tiny_spec().build_model()
+    check_chunkable(model)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="logprob_chunk_tokens=null"):
+        check_chunkable(model)

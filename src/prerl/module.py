@@ -7,8 +7,10 @@ How one training step differs from supervised Lightning training:
    those, in its own space: after the prompt (P(y|x)) or after the question-free context (P(y)).
    A phase-1 NSR-PreRL step never runs a conditional forward pass.
 3. Optimisation is manual: ``epochs x mini_batches`` optimizer updates per rollout batch, each
-   accumulated over micro-batches. ``trainer.global_step`` counts optimizer updates, so the DSRL
-   switch step S is a number of updates. Batches without learning signal make no update.
+   accumulated over micro-batches (a row count or a token budget; rows with advantage 0 are not
+   forwarded, but their tokens count). ``trainer.global_step`` counts optimizer updates, so the
+   DSRL switch step S is a number of updates. A batch without learning signal still makes its
+   (zero-gradient) update, as in the authors' code, unless ``no_signal="skip"``.
 The step does no file I/O: samples for TensorBoard are kept in memory for a callback.
 """
 
@@ -29,9 +31,11 @@ from prerl.checkpointing import capture_rng_state, restore_rng_state
 from prerl.config_fields import from_mapping
 from prerl.fsdp import generation_model
 from prerl.metrics import pass_at_k, rollout_metrics, space_diagnostics
+from prerl.micro_batches import micro_batch_indices
+from prerl.models.params import disable_dropout
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, UpdateBatch, phases_of
 from prerl.rollout import Rollout, concat_responses, decode, eos_ids, generate
-from prerl.scoring import score_responses
+from prerl.scoring import check_chunkable, score_responses
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,9 @@ class UpdateConfig:
     epochs: int = 1
     mini_batches: int = 1
     micro_batch_size: int = 8
+    max_tokens_per_micro_batch: int | None = None
+    logprob_chunk_tokens: int | None = 1024
+    skip_zero_advantage: bool = True
     max_grad_norm: float = 1.0
     recompute_old_logprobs: str = "auto"
 
@@ -75,6 +82,10 @@ class ValidationConfig:
     max_new_tokens: int = 8192
     temperature: float = 1.0
     top_p: float = 1.0
+    generation_batch_size: int | None = None
+
+
+NO_SIGNAL_MODES = ("step", "skip")
 
 
 class PreRLModule(LightningModule):
@@ -89,12 +100,18 @@ class PreRLModule(LightningModule):
         rollout, update, validation: dicts of ``RolloutConfig`` / ``UpdateConfig`` /
             ``ValidationConfig`` fields.
         lr_warmup_steps: linear warm-up of the learning rate, then constant (PreRL: 0).
+        disable_dropout: set every dropout of the policy to 0 (TRL's ``disable_dropout``), so
+            scoring is deterministic and the ratio to the sampling policy is exactly 1.
+        no_signal: a batch in which every kept response has advantage 0 makes an optimizer
+            step with zero gradients (``step``: the authors' code; AdamW's momentum and weight
+            decay still act and the step counts toward ``max_steps`` and the switch step S) or
+            makes none (``skip``: not counted).
         diagnostics_every_n_steps: every N updates also score all responses in both spaces
             (entropies, log-prob gap); 0 disables. Costs two extra no-grad forwards.
         max_consecutive_nonfinite: stop after this many skipped non-finite updates in a row.
         max_consecutive_no_signal: stop after this many batches in a row without learning
-            signal (each is skipped without an update); without it, a task the policy never
-            solves would loop forever, since ``max_steps`` counts updates.
+            signal: the reward never fires or the task is too hard or too easy (with
+            ``no_signal="skip"`` a task the policy never solves would otherwise loop forever).
         num_text_samples: responses kept from each rollout for the text-sample logger.
     """
 
@@ -112,6 +129,8 @@ class PreRLModule(LightningModule):
         update: dict | None = None,
         validation: dict | None = None,
         lr_warmup_steps: int = 0,
+        disable_dropout: bool = True,
+        no_signal: str = "step",
         diagnostics_every_n_steps: int = 10,
         max_consecutive_nonfinite: int = 3,
         max_consecutive_no_signal: int = 50,
@@ -130,7 +149,11 @@ class PreRLModule(LightningModule):
         self.val_cfg = from_mapping(ValidationConfig, validation, "module.validation")
         if self.update_cfg.recompute_old_logprobs not in ("auto", "always"):
             raise ValueError("update.recompute_old_logprobs must be 'auto' or 'always'")
+        if no_signal not in NO_SIGNAL_MODES:
+            raise ValueError(f"module.no_signal={no_signal!r}; choose one of {NO_SIGNAL_MODES}")
         self.lr_warmup_steps = lr_warmup_steps
+        self.disable_dropout = bool(disable_dropout)
+        self.no_signal = no_signal
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.max_consecutive_no_signal = max_consecutive_no_signal
@@ -158,6 +181,10 @@ class PreRLModule(LightningModule):
             return
         # from_pretrained returns eval mode; Lightning keeps module modes, so train explicitly.
         policy = self.model_spec.build_model().train()
+        if self.disable_dropout and disable_dropout(policy):
+            log.info("dropout disabled in the policy (module.disable_dropout=true)")
+        if self.update_cfg.logprob_chunk_tokens:
+            check_chunkable(policy)
         needs_reference = any(obj.kl_coef for phase in self.phases for obj, _ in phase)
         if needs_reference and not hasattr(policy, "disable_adapter"):
             # Full fine-tuning needs a frozen copy; with LoRA the adapter is switched off instead.
@@ -257,15 +284,23 @@ class PreRLModule(LightningModule):
         return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
     def sample(
-        self, batch: dict, num_samples: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int = 0
+        self,
+        batch: dict,
+        num_samples: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int = 0,
+        generation_batch_size: int | None = None,
     ) -> Rollout:
-        """Sample, decode and reward ``num_samples`` responses per prompt of ``batch``."""
+        """Sample, decode and reward ``num_samples`` responses per prompt of ``batch``, at most
+        ``generation_batch_size`` sequences per ``generate`` call."""
         was_training = self.policy.training
         self.policy.eval()
         try:
             eos = eos_ids(getattr(self.policy, "generation_config", None), self.tokenizer)
             # Generate in chunks of prompts: the KV cache grows with sequences x length.
-            chunk = max(1, (self.rollout_cfg.generation_batch_size or 10**9) // num_samples)
+            chunk = max(1, (generation_batch_size or 10**9) // num_samples)
             pieces = []
             with generation_model(self.policy) as model:
                 for start in range(0, batch["prompt_ids"].shape[0], chunk):
@@ -313,50 +348,63 @@ class PreRLModule(LightningModule):
             batch.response_mask,
             temperature=self.rollout_cfg.temperature or 1.0,
             with_entropy=with_entropy,
+            chunk_tokens=self.update_cfg.logprob_chunk_tokens,
         )
 
-    def _micro_batches(self, batch: UpdateBatch):
-        size = self.update_cfg.micro_batch_size
-        for start in range(0, len(batch), size):
-            yield batch.rows(torch.arange(start, min(start + size, len(batch)), device=batch.advantages.device))
+    def _micro_batches(self, batch: UpdateBatch) -> list[tuple[torch.Tensor, UpdateBatch]]:
+        """(row index, sub-batch) of each micro-batch: ``micro_batch_size`` rows, packed under
+        ``max_tokens_per_micro_batch`` when it is set."""
+        cfg = self.update_cfg
+        groups = micro_batch_indices(
+            batch.prefix_mask.sum(dim=1), batch.response_mask.sum(dim=1), cfg.micro_batch_size, cfg.max_tokens_per_micro_batch
+        )
+        return [(index, batch.rows(index)) for index in groups]
+
+    def _forward_index(self, objective: Objective, batch: UpdateBatch) -> torch.Tensor:
+        """(m,) the rows whose forward pass can change the update. A row with advantage 0 has a
+        zero surrogate loss and gradient (its tokens still count in the denominators, which are
+        taken over the whole batch); only a KL or entropy term gives it a gradient."""
+        if self.update_cfg.skip_zero_advantage and not objective.kl_coef and not objective.entropy_coef:
+            return (batch.advantages != 0).nonzero(as_tuple=True)[0]
+        return torch.arange(len(batch), device=batch.advantages.device)
 
     @torch.no_grad()
-    def _score_no_grad(self, batch: UpdateBatch, placeholder: UpdateBatch, model=None) -> torch.Tensor:
-        """Log-probs (M, T) of ``batch`` in micro-batches; every rank runs as many forward passes
-        (sharded forwards are collective), padding with discarded passes over ``placeholder``."""
-        out = torch.zeros_like(batch.response_mask, dtype=torch.float32)
-        micro = list(self._micro_batches(batch))
-        size = self.update_cfg.micro_batch_size
+    def _score_no_grad(
+        self, batch: UpdateBatch, placeholder: UpdateBatch, model=None, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (M, T) [and entropies] of ``batch`` in micro-batches; every rank runs as many
+        forward passes (sharded forwards are collective), padding with discarded passes over
+        ``placeholder``."""
+        logprobs = torch.zeros_like(batch.response_mask, dtype=torch.float32)
+        entropy = torch.zeros_like(logprobs) if with_entropy else None
+        micro = self._micro_batches(batch)
         for i in range(self._all_max(len(micro))):
-            logprobs, _ = self._score(micro[i] if i < len(micro) else placeholder, model=model)
-            if i < len(micro):
-                out[i * size : i * size + len(micro[i]), : logprobs.shape[1]] = logprobs
-        return out
+            index, part = micro[i] if i < len(micro) else (None, placeholder)
+            lp, ent = self._score(part, with_entropy, model=model)
+            if index is not None:
+                logprobs[index, : lp.shape[1]] = lp
+                if with_entropy:
+                    entropy[index, : ent.shape[1]] = ent
+        return logprobs, entropy
 
     def _reference_logprobs(self, batch: UpdateBatch, placeholder: UpdateBatch) -> torch.Tensor:
         if self.ref_policy is not None:
-            return self._score_no_grad(batch, placeholder, model=self.ref_policy)
+            return self._score_no_grad(batch, placeholder, model=self.ref_policy)[0]
         with self.policy.disable_adapter():
-            return self._score_no_grad(batch, placeholder)
+            return self._score_no_grad(batch, placeholder)[0]
 
-    @torch.no_grad()
     def _diagnostics(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Entropy in both spaces and their log-prob gap, over every response of the batch."""
+        zeros = torch.zeros_like(rollout.rewards)
         keep_all = torch.ones_like(rollout.rewards, dtype=torch.bool)
-        sums: dict[str, float] = {}
-        total = 0.0
-        spaces = (ConditionalRL(), MarginalRL())
-        full = [obj.select(rollout, torch.zeros_like(rollout.rewards), keep_all) for obj in spaces]
-        size = self.update_cfg.micro_batch_size
-        for start in range(0, len(full[0]), size):
-            index = torch.arange(start, min(start + size, len(full[0])), device=self.device)
-            cond, marg = (batch.rows(index) for batch in full)
-            (lc, ec), (lm, em) = self._score(cond, True), self._score(marg, True)
-            tokens = float(cond.response_mask.sum())
-            for key, value in space_diagnostics(lc, lm, ec, em, cond.response_mask).items():
-                sums[key] = sums.get(key, 0.0) + float(value) * tokens
-            total += tokens
-        return {key: torch.tensor(value / max(total, 1.0)) for key, value in sums.items()}
+        first_row = torch.zeros_like(keep_all)
+        first_row[0] = True
+        scored = []
+        for space in (ConditionalRL(), MarginalRL()):
+            full = space.select(rollout, zeros, keep_all)
+            scored.append(self._score_no_grad(full, space.select(rollout, zeros, first_row), with_entropy=True))
+        (lc, ec), (lm, em) = scored
+        return space_diagnostics(lc, lm, ec, em, full.response_mask)
 
     # ---------------------------------------------------------------- distributed helpers
     def _all_sum(self, value: float) -> float:
@@ -383,7 +431,9 @@ class PreRLModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         started = time.perf_counter()
         cfg = self.rollout_cfg
-        rollout = self.sample(batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+        rollout = self.sample(
+            batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.generation_batch_size
+        )
         sampled = time.perf_counter()
         metrics = rollout_metrics(rollout.rewards, rollout.group_size, rollout.response_mask, rollout.truncated)
         metrics["reward_timeouts"] = torch.tensor(float(rollout.reward_timeouts))
@@ -408,12 +458,14 @@ class PreRLModule(LightningModule):
         if self.diagnostics_every_n_steps and self.global_step % self.diagnostics_every_n_steps == 0:
             metrics.update(self._diagnostics(rollout))
 
-        if not self._any(signal):
-            self._skip_no_signal()
-        else:
+        if self._any(signal):
             self.consecutive_no_signal = 0
             metrics.update(self._update(terms))
-        metrics["skipped_no_signal"] = torch.tensor(float(self.no_signal_total))
+        else:
+            self._count_no_signal()
+            if self.no_signal == "step":  # zero gradients: AdamW's momentum and weight decay act
+                metrics.update(self._update(terms))
+        metrics["no_signal_batches"] = torch.tensor(float(self.no_signal_total))
         metrics["nonfinite_updates"] = torch.tensor(float(self.nonfinite_total))
         metrics["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         finished = time.perf_counter()
@@ -431,11 +483,12 @@ class PreRLModule(LightningModule):
         self.log_dict(logged, on_step=True, batch_size=batch_size)
         self.log("train/accuracy_bar", metrics["accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
 
-    def _skip_no_signal(self) -> None:
+    def _count_no_signal(self) -> None:
         # Every kept response has advantage 0 (e.g. all groups all-right or all-wrong).
         self.no_signal_total += 1
         self.consecutive_no_signal += 1
-        log.info("step %d: no learning signal in this batch; update skipped", self.global_step)
+        outcome = "zero-gradient update" if self.no_signal == "step" else "update skipped"
+        log.info("step %d: no learning signal in this batch; %s", self.global_step, outcome)
         if self.consecutive_no_signal >= self.max_consecutive_no_signal:
             raise NoLearningSignalError(
                 f"{self.consecutive_no_signal} consecutive batches had no learning signal (every group "
@@ -464,7 +517,10 @@ class PreRLModule(LightningModule):
         num_updates = cfg.epochs * cfg.mini_batches
         for objective, _, batch, placeholder in terms:
             if cfg.recompute_old_logprobs == "always" or num_updates > 1:
-                batch.old_logprobs = self._score_no_grad(batch, placeholder)
+                index = self._forward_index(objective, batch)
+                logprobs, _ = self._score_no_grad(batch.rows(index), placeholder)
+                batch.old_logprobs = torch.zeros_like(batch.response_mask, dtype=torch.float32)
+                batch.old_logprobs[index, : logprobs.shape[1]] = logprobs
             if objective.kl_coef:
                 batch.ref_logprobs = self._reference_logprobs(batch, placeholder)
         totals: dict[str, float] = {}
@@ -495,19 +551,31 @@ class PreRLModule(LightningModule):
         opt = self.optimizers()
         world = self.trainer.world_size
         sums: dict[str, float] = {"loss": 0.0}
+        plans = []
         for objective, weight, batch, placeholder in chunks:
             mask = batch.response_mask
-            num_tokens = self._all_sum(mask.sum())
-            num_seqs = self._all_sum((mask.sum(dim=1) > 0).sum())
-            micro = list(self._micro_batches(batch)) if len(batch) else []
-            for i in range(self._all_max(len(micro))):
+            counts = dict(
+                num_tokens=self._all_sum(mask.sum()),
+                num_seqs=self._all_sum((mask.sum(dim=1) > 0).sum()),
+                num_signal_tokens=self._all_sum(mask[batch.advantages != 0].sum()),
+            )
+            micro = self._micro_batches(batch.rows(self._forward_index(objective, batch)))
+            plans.append([objective, weight, placeholder, micro, self._all_max(len(micro)), counts, batch.old_logprobs])
+        if not any(plan[4] for plan in plans):
+            # Nothing to forward (no learning signal, or every row skipped): one zero-weight pass
+            # still gives every trainable parameter a zero gradient, so AdamW steps (momentum,
+            # weight decay) as in the authors' code.
+            plans[0][4] = 1
+        for objective, weight, placeholder, micro, passes, counts, old_logprobs in plans:
+            for i in range(passes):
                 # A rank with fewer rows runs a zero-weight pass so collectives stay aligned.
-                part, scale = (micro[i], weight * world) if i < len(micro) else (placeholder, 0.0)
+                part, scale = (micro[i][1], weight * world) if i < len(micro) else (placeholder, 0.0)
                 logprobs, entropy = self._score(part, with_entropy=bool(objective.entropy_coef))
-                if batch.old_logprobs is None:  # one update per rollout: on-policy, ratio exactly 1
+                if old_logprobs is None:  # one update per rollout: on-policy, ratio exactly 1
                     part.old_logprobs = logprobs.detach()
                 loss, term_metrics = objective.loss(
-                    logprobs, part, num_tokens, num_seqs, self.rollout_cfg.max_new_tokens, entropy
+                    logprobs, part, counts["num_tokens"], counts["num_seqs"], self.rollout_cfg.max_new_tokens,
+                    entropy, counts["num_signal_tokens"],
                 )
                 # DDP averages gradients over ranks while the counts above are global: scale by world.
                 loss = loss * scale
@@ -560,7 +628,7 @@ class PreRLModule(LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         cfg = self.val_cfg
         k = cfg.samples_per_problem
-        rollout = self.sample(batch, k, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        rollout = self.sample(batch, k, cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, cfg.generation_batch_size)
         correct = (rollout.rewards > 0.5).view(-1, k)
         n = correct.shape[0]
         self.val_accuracy.update(correct.float().mean(dim=1), weight=torch.ones(n))

@@ -50,13 +50,15 @@ class UpdateBatch:
         return self.response_ids.shape[0]
 
     def rows(self, index: torch.Tensor) -> "UpdateBatch":
-        """The sub-batch at ``index`` (M',), responses re-trimmed to their longest row."""
+        """The sub-batch at ``index`` (M',), trimmed to its longest prefix and response (the
+        prefix is left-padded, so only padding columns are dropped)."""
         mask = self.response_mask[index]
         length = max(int(mask.sum(dim=1).max().item()), 1) if len(index) else 1
+        width = max(int(self.prefix_mask[index].sum(dim=1).max().item()), 1) if len(index) else 1
         pick = lambda t: None if t is None else t[index][:, :length]  # noqa: E731
         return UpdateBatch(
-            prefix_ids=self.prefix_ids[index],
-            prefix_mask=self.prefix_mask[index],
+            prefix_ids=self.prefix_ids[index][:, -width:],
+            prefix_mask=self.prefix_mask[index][:, -width:],
             response_ids=self.response_ids[index][:, :length],
             response_mask=mask[:, :length],
             advantages=self.advantages[index],
@@ -156,6 +158,7 @@ class Objective:
         num_seqs: torch.Tensor | float,
         norm_length: int,
         entropy: torch.Tensor | None = None,
+        num_signal_tokens: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch, normalised by its whole mini-batch's counts.
 
@@ -165,8 +168,12 @@ class Objective:
             num_tokens, num_seqs: kept tokens / sequences of the whole mini-batch (all ranks).
             norm_length: constant of ``seq-mean-token-sum-norm`` (the max response length).
             entropy: (M, T) with grad, needed only when ``entropy_coef`` is set.
+            num_signal_tokens: kept tokens of rows with a non-zero advantage in the whole
+                mini-batch (all ranks), the denominator of ``clip_frac`` and ``ratio_mean``
+                (default: num_tokens).
         Returns:
-            scalar loss (already multiplied by ``loss_coef``), and detached metrics.
+            scalar loss (already multiplied by ``loss_coef``), and detached metrics. Each metric
+            sums over micro-batches and ranks to the mini-batch's value.
         """
         mask = batch.response_mask
         per_token, clipped = clipped_surrogate(
@@ -175,11 +182,14 @@ class Objective:
         agg = dict(mode=self.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
         pg_loss = aggregate(per_token, mask, **agg)
         loss = pg_loss
-        # Aggregated like the loss, so each metric sums over micro-batches and ranks.
+        # Clip fraction and ratio: token means over the tokens that carry a gradient (rows with
+        # A != 0), which are the rows forwarded when zero-advantage rows are skipped.
+        signal = mask * (batch.advantages != 0).unsqueeze(-1)
+        stat = dict(mode="token-mean", num_tokens=num_tokens if num_signal_tokens is None else num_signal_tokens)
         metrics = {
             "pg_loss": pg_loss.detach(),
-            "clip_frac": aggregate(clipped.float(), mask, **agg).detach(),
-            "ratio_mean": aggregate(torch.exp(logprobs - batch.old_logprobs).detach(), mask, **agg),
+            "clip_frac": aggregate(clipped.float(), signal, **stat).detach(),
+            "ratio_mean": aggregate(torch.exp(logprobs - batch.old_logprobs).detach(), signal, **stat),
         }
         if self.kl_coef:
             kl = aggregate(kl_penalty(logprobs, batch.ref_logprobs, self.kl_estimator), mask, **agg)

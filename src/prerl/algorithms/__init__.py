@@ -1,22 +1,16 @@
-"""The algorithm vocabulary: advantages, sample filters, losses. Pure tensor functions only."""
+"""The algorithm vocabulary: advantages, sample filters, log-probs, losses. Pure tensor functions only."""
 
 from prerl.algorithms.advantages import ADVANTAGES, is_correct
 from prerl.algorithms.filters import FILTERS
-from prerl.algorithms.losses import (
-    AGG_MODES,
-    aggregate,
-    clipped_surrogate,
-    entropy_from_logits,
-    kl_penalty,
-    masked_mean,
-    token_logprobs,
-)
+from prerl.algorithms.logprobs import chunked_token_logprobs, entropy_from_logits, token_logprobs
+from prerl.algorithms.losses import AGG_MODES, aggregate, clipped_surrogate, kl_penalty, masked_mean
 
 __all__ = [
     "ADVANTAGES",
     "AGG_MODES",
     "FILTERS",
     "aggregate",
+    "chunked_token_logprobs",
     "clipped_surrogate",
     "entropy_from_logits",
     "is_correct",

@@ -76,9 +76,10 @@ def aggregate(
         mask: (N, T) 0/1 (or bool) tokens that count.
         mode: ``token-mean``: sum / number of counted tokens (PreRL default, DAPO);
             ``seq-mean-token-mean``: mean over sequences of each sequence's token mean (GRPO);
-            ``seq-mean-token-sum-norm``: mean over sequences of token sum / norm_length (Dr. GRPO).
+            ``seq-mean-token-sum-norm``: the sum over sequences of each token sum, divided by
+            norm_length only, as verl computes it (see the comment in the code).
         num_tokens: denominator of ``token-mean`` (default: mask.sum() here).
-        num_seqs: number of sequences for the ``seq-mean-*`` modes (default: rows with any token).
+        num_seqs: number of sequences for ``seq-mean-token-mean`` (default: rows with any token).
         norm_length: the constant of ``seq-mean-token-sum-norm`` (default: T, the max length).
     Returns:
         scalar loss.
@@ -88,16 +89,20 @@ def aggregate(
         denom = mask.sum() if num_tokens is None else num_tokens
         return (loss * mask).sum() / torch.clamp(torch.as_tensor(denom, dtype=loss.dtype), min=1.0)
     seq_tokens = mask.sum(dim=-1)
+    seq_sum = (loss * mask).sum(dim=-1)
+    if mode == "seq-mean-token-sum-norm":
+        # verl's agg_loss (the authors' code base): sum of the token sums / horizon, with no
+        # division by the number of sequences. Dr. GRPO's formula, (1/G) sum_i sum_t l_it / MAX_TOKENS,
+        # also divides by the G sequences: the two differ by a constant factor for a fixed batch
+        # shape, which AdamW's normalisation absorbs but gradient clipping does not.
+        length = loss.shape[-1] if norm_length is None else norm_length
+        return seq_sum.sum() / float(length)
     has_tokens = (seq_tokens > 0).to(loss.dtype)
     if num_seqs is None:
         num_seqs = has_tokens.sum()
     num_seqs = torch.clamp(torch.as_tensor(num_seqs, dtype=loss.dtype), min=1.0)
-    seq_sum = (loss * mask).sum(dim=-1)
     if mode == "seq-mean-token-mean":
         return (seq_sum / seq_tokens.clamp(min=1.0) * has_tokens).sum() / num_seqs
-    if mode == "seq-mean-token-sum-norm":
-        length = loss.shape[-1] if norm_length is None else norm_length
-        return (seq_sum / float(length)).sum() / num_seqs
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGG_MODES}")
 
 
@@ -121,32 +126,6 @@ def kl_penalty(
     if estimator == "k3":
         return torch.exp(-log_ratio) - 1.0 + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probability of each label under softmax(logits / temperature).
-
-    Args:
-        logits: (N, T, V) the logits that predict each label.
-        labels: (N, T) token ids.
-        temperature: the sampling temperature (TRL and verl divide logits by it).
-    Returns:
-        (N, T) float32 log-probs.
-    """
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) at each position. (N, T, V) -> (N, T) float32."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

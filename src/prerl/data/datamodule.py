@@ -48,7 +48,10 @@ class PromptDataModule(L.LightningDataModule):
         tokenizer: a HF tokenizer with a chat template; may be assigned later
             (``dm.tokenizer = tok``) but before ``setup()``.
         system_prompt: system message, or None for no system message.
-        batch_size / val_batch_size: prompts per batch.
+        batch_size: prompts per optimizer step across ALL ranks (the paper's 128), split evenly
+            over the ranks (an error if it does not divide).
+        val_batch_size: validation problems per batch across all ranks (each rank takes
+            ceil(val_batch_size / world size)).
         max_prompt_length: longest allowed prompt in tokens (None: no limit).
         on_long_prompt: "error" (raise naming the problem) or "drop" (drop, count, warn).
         marginal_context: question-free context for the marginal log-prob; None = the
@@ -114,6 +117,7 @@ class PromptDataModule(L.LightningDataModule):
         self._val_items: list[dict] = []
         self._is_setup = False
         self._resume_point: dict | None = None
+        self.world_size = 1
 
     # ------------------------------------------------------------------ setup
     def _check_sources(self) -> None:
@@ -158,9 +162,32 @@ class PromptDataModule(L.LightningDataModule):
             )
         return items, len(too_long)
 
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.world_size)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+        return 1
+
+    @property
+    def per_rank_batch_size(self) -> int:
+        """Training prompts each rank samples per optimizer step."""
+        return self.batch_size // self.world_size
+
+    @property
+    def per_rank_val_batch_size(self) -> int:
+        return -(-self.val_batch_size // self.world_size)
+
     def setup(self, stage: str | None = None) -> None:
         if self._is_setup:
             return
+        self.world_size = self._world_size()
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is the number of prompts per optimizer step across all "
+                f"{self.world_size} ranks and must divide evenly over them; use a multiple of {self.world_size}"
+            )
         if self.tokenizer is None:
             raise ValueError("PromptDataModule needs a tokenizer: pass tokenizer= or set dm.tokenizer before setup()")
         self._check_sources()
@@ -198,6 +225,10 @@ class PromptDataModule(L.LightningDataModule):
         }
         for split, s in self.stats.items():
             logger.info("data %s: %s", split, ", ".join(f"{k}={v}" for k, v in s.items()))
+        logger.info(
+            "batch: %d prompts per optimizer step = %d rank(s) x %d; %d optimizer steps per epoch",
+            self.batch_size, self.world_size, self.per_rank_batch_size, len(self._train_items) // self.batch_size,
+        )
         lengths = [len(it["prompt_ids"]) for it in self._train_items]
         logger.info(
             "train prompt length: min %d, mean %.1f, max %d tokens; marginal context ids %s",
@@ -215,13 +246,13 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        sampler = ResumableSampler(len(self._train_items), self.batch_size, seed=self.seed)
+        sampler = ResumableSampler(len(self._train_items), self.per_rank_batch_size, seed=self.seed)
         if self._resume_point is not None:
             sampler.skip_batches(**self._resume_point)
             self._resume_point = None
         return DataLoader(
             PromptDataset(self._train_items),
-            batch_size=self.batch_size,
+            batch_size=self.per_rank_batch_size,
             sampler=sampler,
             drop_last=True,
             collate_fn=self._collate(),
@@ -250,8 +281,8 @@ class PromptDataModule(L.LightningDataModule):
             return []
         return DataLoader(
             PromptDataset(self._val_items),
-            batch_size=self.val_batch_size,
-            sampler=ResumableSampler(len(self._val_items), self.val_batch_size, shuffle=False, pad=True),
+            batch_size=self.per_rank_val_batch_size,
+            sampler=ResumableSampler(len(self._val_items), self.per_rank_val_batch_size, shuffle=False, pad=True),
             drop_last=False,
             collate_fn=self._collate(),
             num_workers=self.num_workers,

@@ -35,6 +35,19 @@ def count_parameters(model: torch.nn.Module) -> ParamCount:
     return ParamCount(trainable, total)
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout probability of ``model`` to 0 (TRL's ``disable_dropout_in_model``), also the
+    attention dropout that Hugging Face attention modules keep as a float; returns how many were
+    non-zero. Scoring is then deterministic, so a recomputed log-prob equals the sampling policy's."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p, changed = 0.0, changed + 1
+        if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout:
+            module.attention_dropout, changed = 0.0, changed + 1
+    return changed
+
+
 def unwrap_policy(model: torch.nn.Module, *, strip_peft: bool = True) -> torch.nn.Module:
     """Strip DDP / FSDP1 (``.module``), ``torch.compile`` (``._orig_mod``) and, unless
     ``strip_peft`` is False, the peft wrapper, returning the underlying HF causal LM (LoRA layers
