@@ -117,7 +117,7 @@ class PromptDataModule(L.LightningDataModule):
         self._val_items: list[dict] = []
         self._is_setup = False
         self._resume_point: dict | None = None
-        self.world_size = 1
+        self.rank, self.world_size = 0, 1
 
     # ------------------------------------------------------------------ setup
     def _check_sources(self) -> None:
@@ -162,13 +162,13 @@ class PromptDataModule(L.LightningDataModule):
             )
         return items, len(too_long)
 
-    def _world_size(self) -> int:
+    def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            return int(trainer.world_size)
+            return int(trainer.global_rank), int(trainer.world_size)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size()
-        return 1
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
 
     @property
     def per_rank_batch_size(self) -> int:
@@ -182,7 +182,7 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._is_setup:
             return
-        self.world_size = self._world_size()
+        self.rank, self.world_size = self._rank_world()
         if self.batch_size % self.world_size:
             raise ValueError(
                 f"data.batch_size={self.batch_size} is the number of prompts per optimizer step across all "
@@ -246,7 +246,9 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        sampler = ResumableSampler(len(self._train_items), self.per_rank_batch_size, seed=self.seed)
+        sampler = ResumableSampler(
+            len(self._train_items), self.per_rank_batch_size, seed=self.seed, rank=self.rank, world_size=self.world_size
+        )
         if self._resume_point is not None:
             sampler.skip_batches(**self._resume_point)
             self._resume_point = None
@@ -282,7 +284,10 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(
             PromptDataset(self._val_items),
             batch_size=self.per_rank_val_batch_size,
-            sampler=ResumableSampler(len(self._val_items), self.per_rank_val_batch_size, shuffle=False, pad=True),
+            sampler=ResumableSampler(
+                len(self._val_items), self.per_rank_val_batch_size, shuffle=False, pad=True,
+                rank=self.rank, world_size=self.world_size,
+            ),
             drop_last=False,
             collate_fn=self._collate(),
             num_workers=self.num_workers,

@@ -24,12 +24,24 @@ class ResumableSampler(Sampler[int]):
         seed: shuffle seed.
         shuffle: False keeps dataset order (still sharded).
         pad: fill the last round by repeating items instead of dropping the tail (validation).
-    Lightning calls ``set_epoch`` at every epoch start; rank and world size are read from
-    ``torch.distributed`` when the sampler is iterated (after the process group exists).
+        rank, world_size: this process's shard; None reads them from ``torch.distributed`` when
+            the sampler is iterated (after the process group exists).
+    Lightning calls ``set_epoch`` at every epoch start.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0, shuffle: bool = True, pad: bool = False):
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        pad: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         self.num_items = num_items
+        self.rank = rank
+        self.world_size = world_size
         self.pad = pad
         self.batch_size = batch_size
         self.seed = seed
@@ -37,8 +49,9 @@ class ResumableSampler(Sampler[int]):
         self.epoch = 0
         self._skip = {}  # epoch -> batches to skip at the start of that epoch
 
-    @staticmethod
-    def _rank_world() -> tuple[int, int]:
+    def _rank_world(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return self.rank or 0, self.world_size
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return 0, 1

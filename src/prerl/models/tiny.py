@@ -24,6 +24,8 @@ class TinyModelSpec(ModelSpec):
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
         max_position_embeddings: the usual decoder dimensions.
         tie_word_embeddings: share input embeddings and LM head.
+        attention_dropout: dropout on the attention probabilities in train mode (tests of
+            ``module.disable_dropout``).
         **common: see :class:`ModelSpec` (dtype, lora, gradient_checkpointing, ...).
     """
 
@@ -37,6 +39,7 @@ class TinyModelSpec(ModelSpec):
         intermediate_size: int = 128,
         max_position_embeddings: int = 1024,
         tie_word_embeddings: bool = False,
+        attention_dropout: float = 0.0,
         seed: int = 0,
         dtype: str = "float32",
         **common: Any,
@@ -57,6 +60,7 @@ class TinyModelSpec(ModelSpec):
         self.intermediate_size = int(intermediate_size)
         self.max_position_embeddings = int(max_position_embeddings)
         self.tie_word_embeddings = bool(tie_word_embeddings)
+        self.attention_dropout = float(attention_dropout)
 
     @property
     def name(self) -> str:
@@ -81,6 +85,7 @@ class TinyModelSpec(ModelSpec):
             intermediate_size=self.intermediate_size,
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
+            attention_dropout=self.attention_dropout,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
