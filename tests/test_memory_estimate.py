@@ -1,4 +1,5 @@
-"""The memory estimator (``prerl.memory_estimate``) against real objects on CPU.
+"""The memory estimator (``tools/memory_estimate.py``) against real objects on CPU, its mapping
+from Hydra configs (``tools/estimate_config.py``), and the GPU presets' hardware declarations.
 
 * parameter counts: exact, against transformers models built from the same configs (on the meta
   device for the big presets, real tensors for tiny ones) and against the real SmolLM2 checkpoint;
@@ -6,9 +7,11 @@
 * KV cache: exact, against a ``DynamicCache`` after ``generate``;
 * per-layer saved activations: exact (up to 0.1%: peft's 8-byte scaling scalars), against what
   autograd saves (``saved_tensors_hooks``, de-duplicated by storage), in five precision setups;
-* logits / log-softmax bytes per element and the whole micro-batch peak: against the CPU
-  allocator's peak from ``torch.profiler`` memory events (the stated factor: estimate / measured
-  within [0.95, 1.25]).
+* logits / log-softmax bytes per element (plain and chunked) and the whole micro-batch peak:
+  against the CPU allocator's peak from ``torch.profiler`` memory events (the stated factor:
+  estimate / measured within [0.95, 1.25]);
+* the config mapping: global vs per-rank batch, token budget, chunked log-probs, validation
+  generation batch; every experiment that declares ``hardware`` fits it.
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from prerl.memory_estimate import (
+from tools.estimate_config import TINY_VOCAB, compose_config, estimate_run, geometry_from_model_config, setup_from_config
+from tools.memory_estimate import (
     GiB,
+    LOGITS_CHUNKED_SCORING_BYTES_PER_ELEMENT,
+    LOGITS_CHUNKED_SCORING_ENTROPY_BYTES_PER_ELEMENT,
+    LOGITS_CHUNKED_TRAIN_BYTES_PER_ELEMENT,
     LOGITS_SCORING_BYTES_PER_ELEMENT,
     LOGITS_SCORING_ENTROPY_BYTES_PER_ELEMENT,
     LOGITS_TRAIN_BYTES_PER_ELEMENT,
@@ -35,12 +42,11 @@ from prerl.memory_estimate import (
     TrainingSetup,
     activation_mode,
     estimate_memory,
-    estimate_time,
     geometry_from_config,
     kv_cache_bytes,
     layer_activation_bytes,
     lora_parameter_count,
-    max_micro_batch,
+    max_generation_batch,
     model_geometry,
     nf4_tensor_bytes,
     parameter_counts,
@@ -138,12 +144,13 @@ def test_presets_match_transformers_exactly(name):
 
 
 def test_published_totals():
-    """Totals the model cards round: Qwen3-4B 4.0B (3.6B non-embedding), Qwen3-8B 8.2B,
-    Qwen2.5-1.5B 1.54B, Qwen2.5-7B 7.61B, SmolLM2-135M 134.5M."""
+    """Totals the model cards round: Qwen3-1.7B 1.7B (1.4B non-embedding), Qwen3-4B 4.0B (3.6B
+    non-embedding), Qwen3-8B 8.2B, Qwen2.5-1.5B 1.54B, Qwen2.5-7B 7.61B, SmolLM2-135M 134.5M."""
     totals = {n: parameter_counts(model_geometry(n))["total"] for n in MODEL_PRESETS}
     assert totals["qwen3-4b"] == 4_022_468_096
-    q4 = parameter_counts(model_geometry("qwen3-4b"))
-    assert round((q4["total"] - q4["embed_tokens"]) / 1e9, 1) == 3.6
+    for name, total, body in (("qwen3-4b", 4.0, 3.6), ("qwen3-1.7b", 1.7, 1.4)):
+        c = parameter_counts(model_geometry(name))
+        assert (round(c["total"] / 1e9, 1), round((c["total"] - c["embed_tokens"]) / 1e9, 1)) == (total, body)
     assert round(totals["qwen3-8b"] / 1e9, 1) == 8.2
     assert round(totals["qwen2.5-1.5b"] / 1e9, 2) == 1.54
     assert round(totals["qwen2.5-7b"] / 1e9, 2) == 7.62  # 7,615,616,512 ("7.61B" truncated)
@@ -257,13 +264,13 @@ def _quantize_nf4(model):
     return model
 
 
-# name, model_type, weight dtype, TrainingSetup fields, autocast
+# name, model_type, weight dtype, TrainingSetup fields
 ACTIVATION_CASES = [
-    ("full-bf16", "qwen3", torch.bfloat16, dict(preset="full", master_dtype="bf16", autocast=False)),
-    ("full-fp32-autocast", "llama", torch.float32, dict(preset="full", master_dtype="fp32", autocast=True)),
-    ("lora-bf16", "qwen2", torch.bfloat16, dict(preset="lora", lora_r=8, autocast=False)),
-    ("lora-bf16-autocast", "qwen3", torch.bfloat16, dict(preset="lora", lora_r=8, autocast=True)),
-    ("qlora-nf4", "qwen3", torch.bfloat16, dict(preset="qlora", lora_r=8, autocast=False)),
+    ("full-bf16", "qwen3", torch.bfloat16, dict(preset="full", dtype="bf16", autocast=False)),
+    ("full-fp32-autocast", "llama", torch.float32, dict(preset="full", dtype="fp32", autocast=True)),
+    ("lora-bf16", "qwen2", torch.bfloat16, dict(preset="lora", dtype="bf16", lora_r=8, autocast=False)),
+    ("lora-bf16-autocast", "qwen3", torch.bfloat16, dict(preset="lora", dtype="bf16", lora_r=8, autocast=True)),
+    ("qlora-nf4", "qwen3", torch.bfloat16, dict(preset="qlora", dtype="bf16", lora_r=8, autocast=False)),
 ]
 
 
@@ -302,11 +309,18 @@ def test_layer_activations_match_autograd_saved_tensors(case, model_type, dtype,
 
 
 def test_activation_modes_of_presets():
-    assert activation_mode(TrainingSetup(preset="full", master_dtype="fp32", autocast=True)) == ActivationMode(
+    assert activation_mode(TrainingSetup(preset="full", dtype="fp32", autocast=True)) == ActivationMode(
         compute_bytes=2, residual_bytes=4, autocast=True, trainable_base=True)
-    # FSDP with bf16-mixed gathers bf16 parameters: a bf16 residual stream
-    assert activation_mode(TrainingSetup(preset="full", gpus=8)).residual_bytes == 2
-    assert activation_mode(TrainingSetup(preset="qlora", lora_r=16)).lora_r == 16
+    # FSDP with param_dtype bf16 (trainer/fsdp.yaml) gathers bf16 parameters: a bf16 residual stream
+    fsdp = TrainingSetup(preset="full", gpus=8, fsdp=True, prompts_per_step=8)
+    assert activation_mode(fsdp).residual_bytes == 2
+    assert activation_mode(replace(fsdp, fsdp_bf16_params=False)).residual_bytes == 4
+    assert activation_mode(TrainingSetup(preset="full", autocast=False)).compute_bytes == 4  # pure fp32 (CPU)
+    assert activation_mode(TrainingSetup(preset="qlora", dtype="bf16", lora_r=16)).lora_r == 16
+    with pytest.raises(ValueError, match="not modelled"):
+        TrainingSetup(preset="lora", dtype="fp32", autocast=True)
+    with pytest.raises(ValueError, match="do not divide"):
+        TrainingSetup(prompts_per_step=128, gpus=3)
 
 
 # ------------------------------------------------------------------------ measured peaks (CPU)
@@ -333,6 +347,7 @@ def _cpu_peak(fn, with_end: bool = False):
     (False, True, LOGITS_SCORING_ENTROPY_BYTES_PER_ELEMENT),
 ])
 def test_logits_bytes_per_element_measured(train, entropy, expected):
+    """Plain path: the whole (M, T, V) bf16 logits through token_logprobs / entropy_from_logits."""
     from prerl.algorithms import entropy_from_logits, token_logprobs
 
     V, M, T, h = 16384, 2, 64, 32
@@ -354,12 +369,45 @@ def test_logits_bytes_per_element_measured(train, entropy, expected):
     assert per_element == pytest.approx(expected, rel=0.05)
 
 
-@pytest.mark.parametrize("vocab,prompt,response,checkpointing", [
-    (512, 64, 192, False),    # activations dominate
-    (512, 64, 192, True),     # checkpointed: layer inputs + one layer recomputed
-    (8192, 32, 96, False),    # logits dominate
+@pytest.mark.parametrize("train,entropy,expected", [
+    (True, False, LOGITS_CHUNKED_TRAIN_BYTES_PER_ELEMENT),
+    (True, True, LOGITS_CHUNKED_TRAIN_BYTES_PER_ELEMENT),
+    (False, False, LOGITS_CHUNKED_SCORING_BYTES_PER_ELEMENT),
+    (False, True, LOGITS_CHUNKED_SCORING_ENTROPY_BYTES_PER_ELEMENT),
 ])
-def test_micro_batch_peak_within_stated_factor(vocab, prompt, response, checkpointing):
+def test_chunked_logits_bytes_per_element_measured(train, entropy, expected):
+    """Chunked path (``chunked_token_logprobs``, each chunk checkpointed): the peak is one chunk of
+    C x V elements, not M x T x V, whatever M x T is (here 4 chunks, then 8)."""
+    from prerl.algorithms import chunked_token_logprobs
+
+    V, M, h, C = 8192, 2, 16, 128
+    per_element = []
+    for T in (256, 512):
+        W = torch.randn(V, h, dtype=torch.bfloat16, requires_grad=train)
+        x = torch.randn(M, T, h, dtype=torch.bfloat16, requires_grad=train)
+        labels = torch.randint(0, V, (M, T))
+        mask = torch.ones(M, T, dtype=torch.long)
+
+        def run():
+            with torch.set_grad_enabled(train):
+                logprobs, ent = chunked_token_logprobs(x, W, labels, mask, chunk_tokens=C, with_entropy=entropy)
+                if train:
+                    (logprobs.sum() + (ent.sum() if entropy else 0)).backward()
+
+        per_element.append(_cpu_peak(run) / (C * V))
+    # Doubling the response tokens adds only the small (M, T, h) copies: the chunk sets the peak.
+    assert per_element[0] == pytest.approx(expected, rel=0.05)
+    assert per_element[1] == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.parametrize("vocab,prompt,response,checkpointing,chunk", [
+    (512, 64, 192, False, None),    # activations dominate
+    (512, 64, 192, True, None),     # checkpointed: layer inputs + one layer recomputed
+    (8192, 32, 96, False, None),    # logits dominate
+    (8192, 32, 96, False, 64),      # the same, chunked log-probs: one 64-token chunk of logits
+    (8192, 32, 96, True, 64),       # chunked and checkpointed
+])
+def test_micro_batch_peak_within_stated_factor(vocab, prompt, response, checkpointing, chunk):
     """Whole forward+backward of one micro-batch through ``prerl.scoring.score_responses`` (tiny
     Qwen3, bf16, 4 layers), steady state (gradients already allocated, as from the second
     micro-batch on). Stated factor: estimate / measured in [0.95, 1.25]."""
@@ -378,17 +426,17 @@ def test_micro_batch_peak_within_stated_factor(vocab, prompt, response, checkpoi
     rmask[1, -10:] = 0
 
     def step():
-        logprobs, _ = score_responses(model, pid, pmask, rid, rmask)
+        logprobs, _ = score_responses(model, pid, pmask, rid, rmask, chunk_tokens=chunk)
         (-(logprobs * rmask).sum()).backward()
 
     step()  # allocate the gradients
     measured = _cpu_peak(step)
-    setup = TrainingSetup(preset="full", master_dtype="bf16", autocast=False, prompt_len=prompt, response_len=response,
+    setup = TrainingSetup(preset="full", dtype="bf16", autocast=False, prompt_len=prompt, response_len=response,
                           prompts_per_step=1, group_size=M, micro_batch=M, gradient_checkpointing=checkpointing,
-                          diagnostics=False, overhead_gib=0)
-    train = next(p for p in estimate_memory({"model_type": "qwen3", **kw, "num_hidden_layers": 4}, setup).phases
-                 if p.name.startswith("training"))
+                          logprob_chunk_tokens=chunk, scoring=None, overhead_gib=0)
+    train = estimate_memory({"model_type": "qwen3", **kw, "num_hidden_layers": 4}, setup).phase("training")
     dynamic = sum(b for label, b in train.items if not label.startswith(("weights", "gradients", "AdamW")))
+    print(f"estimate / measured = {dynamic / measured:.3f}")
     assert 0.95 <= dynamic / measured <= 1.25, (dynamic, measured)
 
 
@@ -401,8 +449,8 @@ def test_adamw_states_follow_the_parameter_dtype():
     opt.step()
     assert {k: v.dtype for k, v in opt.state[p].items() if k != "step"} == {
         "exp_avg": torch.bfloat16, "exp_avg_sq": torch.bfloat16}
-    est = estimate_memory("smollm2-135m", TrainingSetup(preset="full", master_dtype="bf16", response_len=64))
-    items = dict(est.phases[-1].items)
+    est = estimate_memory("smollm2-135m", TrainingSetup(preset="full", dtype="bf16", response_len=64))
+    items = dict(est.phase("optimizer").items)
     assert items["AdamW states (2 x bf16)"] == 4 * est.params["total"]
 
 
@@ -425,51 +473,12 @@ def test_autocast_keeps_bf16_weight_copies_until_it_exits():
     assert live == pytest.approx(2 * (512 * 1024 + 1024), rel=0.01)
 
 
-# ------------------------------------------------------------------------------ the question
-def _cli():
-    spec = importlib.util.spec_from_file_location("estimate_memory_cli", ROOT / "scripts" / "estimate_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_qwen3_4b_qlora_fits_24gb_with_this_breakdown():
-    cli = _cli()
-    q = dict(cli.QWEN3_4B_QLORA_CHECK)
-    model, _ = q.pop("model"), q.pop("gpu")
-    est = estimate_memory(model, TrainingSetup(**q))
-    assert est.fits(24) and est.peak < 20 * GiB
-    items = {label: b for p in est.phases for label, b in p.items}
-    assert items["KV cache (8 seqs x 3072 tokens)"] == 8 * 3072 * 147_456
-    assert items["logits + log-softmax, backward peak (2 x 2049 x 151936 x 16 B)"] == 16 * 2 * 2049 * 151936
-    nf4 = items["base Linear weights (NF4 + double-quant stats)"]
-    assert 0.51 < nf4 / parameter_counts(model_geometry("qwen3-4b"))["linear"] < 0.52
-    # Full fine-tuning of the same model on one 24 GB card cannot fit (weights + AdamW alone).
-    full = estimate_memory(model, replace(TrainingSetup(**q), preset="full"))
-    assert not full.fits(24)
-    assert max_micro_batch(model, TrainingSetup(**q), 24) >= 2
-
-
-def test_cli_verdicts(capsys):
-    cli = _cli()
-    assert cli.main(["--check-qwen3-4b-qlora"]) == 0
-    out = capsys.readouterr().out
-    assert "VERDICT: FITS in 24 GB" in out and "KV cache (8 seqs x 3072 tokens)" in out
-    cli.main(["--model", "qwen3-4b", "--preset", "full", "--gpu-memory-gb", "24", "--prompts-per-step", "1",
-              "--micro-batch", "1", "--response-len", "2048"])
-    out = capsys.readouterr().out
-    assert "DOES NOT FIT in 24 GB" in out and "try:" in out
-    cli.main(["--check-qwen3-4b-qlora", "--json"])
-    assert json.loads(capsys.readouterr().out)["peak"] > 0
-
-
+# ------------------------------------------------------------------------ setups and the estimate
 def test_fsdp_shards_states_not_activations():
-    base = TrainingSetup(preset="full", master_dtype="fp32", prompts_per_step=1, response_len=1024, micro_batch=1)
-    one = estimate_memory("qwen3-4b", base)
-    eight = estimate_memory("qwen3-4b", replace(base, gpus=8, prompts_per_step=8))
-    t1 = dict(next(p for p in one.phases if p.name.startswith("training")).items)
-    t8 = dict(next(p for p in eight.phases if p.name.startswith("training")).items)
+    base = TrainingSetup(preset="full", dtype="fp32", prompts_per_step=1, response_len=1024, micro_batch=1)
+    one = estimate_memory("qwen3-4b", base).phase("training")
+    eight = estimate_memory("qwen3-4b", replace(base, gpus=8, fsdp=True, prompts_per_step=8)).phase("training")
+    t1, t8 = dict(one.items), dict(eight.items)
     w1 = next(v for k, v in t1.items() if k.startswith("weights"))
     w8 = next(v for k, v in t8.items() if k.startswith("weights"))
     assert w1 == pytest.approx(8 * w8)
@@ -479,25 +488,194 @@ def test_fsdp_shards_states_not_activations():
     assert t1[ckpt[0]] == 2 * next(v for k, v in t8.items() if k.startswith("checkpointed"))
 
 
-def test_checkpointing_and_micro_batch_move_the_training_peak():
-    s = TrainingSetup(preset="lora", prompts_per_step=1, response_len=2048, micro_batch=2, diagnostics=False)
+def test_checkpointing_micro_batch_and_token_budget_move_the_training_peak():
+    s = TrainingSetup(preset="lora", dtype="bf16", prompts_per_step=1, response_len=2048, micro_batch=2, scoring=None)
 
     def train_total(**kw):
-        return next(p.total for p in estimate_memory("qwen3-4b", replace(s, **kw)).phases if p.name.startswith("training"))
+        return estimate_memory("qwen3-4b", replace(s, **kw)).phase("training").total
 
     assert train_total(gradient_checkpointing=False) > 3 * train_total(gradient_checkpointing=True)
     assert train_total(micro_batch=4) > train_total(micro_batch=2) > train_total(micro_batch=1)
+    # A token budget bounds rows x length: 6,144 tokens = 2 rows of 1,024 + 2,048, whatever the cap.
+    assert replace(s, micro_batch=8, max_tokens_per_micro_batch=6144).micro_rows == 2
+    assert train_total(micro_batch=8, max_tokens_per_micro_batch=6144) == train_total(micro_batch=2)
+    assert replace(s, max_tokens_per_micro_batch=100).micro_rows == 1  # a longer row goes alone
+    # 2 rows of plain logits: 16 B x 2 x 2,049 x 151,936 = 9.3 GiB; one chunk: 20 B x 1,024 x 151,936 = 2.9 GiB
+    assert train_total(logprob_chunk_tokens=1024) < train_total() - 6 * GiB
 
 
-def test_time_estimate():
-    s = TrainingSetup(preset="qlora", prompts_per_step=1, response_len=2048, micro_batch=2)
-    t = estimate_time("qwen3-4b", s, tflops=165, bandwidth_gbs=1008)
-    c = parameter_counts(model_geometry("qwen3-4b"))
-    assert t.flops_per_generated_token == 2 * (c["total"] - c["embed_tokens"] + 151936 * 2560)
-    assert t.decode_bound == "memory-bandwidth"  # 8 sequences: far below the compute roof
-    t2 = estimate_time("qwen3-4b", s, tflops=165, bandwidth_gbs=2016)
-    assert t2.decode_s == pytest.approx(t.decode_s / 2)
-    assert t2.train_s == t.train_s
-    # LoRA backward skips the frozen weights' gradients: 4N (+2N recompute) vs 6N (+2N)
-    full = estimate_time("qwen3-4b", replace(s, preset="full"), tflops=165, bandwidth_gbs=1008)
-    assert full.flops_per_trained_token / t.flops_per_trained_token == pytest.approx(8 / 6)
+def test_generation_calls_follow_the_module_chunking():
+    """``PreRLModule.sample`` sends max(1, batch // samples) whole prompts per generate call."""
+    s = TrainingSetup(prompts_per_step=16, group_size=8, generation_batch=32, val_batch=45, val_samples=20)
+    assert (s.generation_seqs, replace(s, generation_batch=20).generation_seqs) == (32, 16)
+    assert replace(s, generation_batch=4).generation_seqs == 8  # never less than one prompt's group
+    assert replace(s, generation_batch=None).generation_seqs == 128
+    assert (s.val_problems_per_rank, s.val_generation_seqs) == (45, 900)  # val_generation_batch None: all
+    assert replace(s, val_generation_batch=40).val_generation_seqs == 40
+    assert replace(s, gpus=8, prompts_per_step=128, val_generation_batch=1000).val_generation_seqs == 6 * 20
+
+
+# ------------------------------------------------------------------------ config -> setup mapping
+def test_config_mapping_global_batch_is_divided_over_ranks():
+    s = setup_from_config(compose_config(["experiment=dsrl_qwen3_4b"]))
+    assert (s.gpus, s.fsdp, s.fsdp_bf16_params, s.shards) == (8, True, True, 8)
+    assert (s.prompts_per_step, s.prompts_per_rank, s.sequences_per_rank) == (128, 16, 128)
+    assert (s.preset, s.dtype, s.autocast, s.gradient_checkpointing) == ("full", "fp32", True, True)
+    assert (s.prompt_len, s.response_len, s.generation_seqs) == (1024, 8192, 32)
+    four = setup_from_config(compose_config(["experiment=dsrl_qwen3_4b", "trainer.devices=4"]))
+    assert (four.prompts_per_rank, four.shards) == (32, 4)
+    nodes = setup_from_config(compose_config(["experiment=dsrl_qwen3_4b", "trainer.num_nodes=2"]))
+    assert (nodes.gpus, nodes.prompts_per_rank) == (16, 8)
+    with pytest.raises(ValueError, match="do not divide"):
+        setup_from_config(compose_config(["experiment=dsrl_qwen3_4b", "trainer.devices=3"]))
+    # devices=-1 (all visible GPUs): the declared hardware decides, else an error
+    assert setup_from_config(compose_config(["experiment=dsrl_qwen3_4b", "trainer.devices=-1"])).gpus == 8
+    with pytest.raises(ValueError, match="hardware.gpus"):
+        setup_from_config(compose_config(["experiment=dsrl_qwen3_4b", "trainer.devices=-1", "hardware=null"]))
+    ddp = setup_from_config(compose_config(["experiment=dsrl_qwen3_4b", "trainer=gpu", "trainer.devices=8",
+                                            "trainer.strategy=ddp"]))
+    assert (ddp.fsdp, ddp.shards, ddp.prompts_per_rank) == (False, 1, 16)
+
+
+def test_config_mapping_of_model_precision_and_objective():
+    q = setup_from_config(compose_config(["experiment=qlora_qwen3_4b_24gb"]))
+    assert (q.preset, q.lora_r, q.double_quant, q.dtype, q.gpus, q.fsdp) == ("qlora", 16, True, "bf16", 1, False)
+    assert q.scoring == "entropy"  # diagnostics_every_n_steps: 10
+    assert setup_from_config(compose_config(["experiment=qlora_qwen3_4b_24gb", "module.diagnostics_every_n_steps=0"])).scoring is None
+    kl = setup_from_config(compose_config(["experiment=dsrl_qwen3_4b", "module.diagnostics_every_n_steps=0",
+                                           "objective.main.kl_coef=0.01"]))
+    assert (kl.scoring, kl.kl_reference_copy) == ("logprobs", True)
+    est = estimate_memory("qwen3-4b", kl)
+    assert any(label.startswith("KL reference") for label, _ in est.phase("training").items)
+    cpu = setup_from_config(compose_config(["experiment=smoke"]))
+    assert (cpu.preset, cpu.dtype, cpu.autocast, cpu.fsdp, cpu.gradient_checkpointing) == ("full", "fp32", False, False, False)
+    two = setup_from_config(compose_config(["experiment=smoke", "trainer=fsdp_cpu"]))
+    assert (two.fsdp, two.fsdp_bf16_params, two.gpus) == (True, False, 2)
+
+
+def test_config_mapping_token_budget_and_chunked_logprobs():
+    base = ["experiment=dsrl_qwen3_4b", "module.update.micro_batch_size=8"]
+    budget = setup_from_config(compose_config(base + ["module.update.max_tokens_per_micro_batch=16384"]))
+    assert budget.micro_rows == pytest.approx(16384 / 9216)  # at most 16,384 padded tokens
+    rows = setup_from_config(compose_config(base + ["module.update.max_tokens_per_micro_batch=null"]))
+    assert rows.micro_rows == 8
+    short = setup_from_config(compose_config(base + ["module.update.max_tokens_per_micro_batch=16384",
+                                                     "module.rollout.max_new_tokens=1024"]))
+    assert short.micro_rows == 8  # 8 rows of 2,048 tokens fill the budget exactly
+    g = model_geometry("qwen3-4b")
+    t_budget = estimate_memory(g, budget).phase("training")
+    t_rows = estimate_memory(g, rows).phase("training")
+    assert t_budget.total < t_rows.total / 2
+    plain = estimate_memory(g, replace(budget, logprob_chunk_tokens=None)).phase("training")
+    items = dict(plain.items)
+    # plain logits of the budget's rows: 16 B x rows x (T + 1) x V, the largest item
+    assert max(items.values()) == pytest.approx(16 * (16384 / 9216) * 8193 * 151936)
+    assert t_budget.total < plain.total / 2
+    chunk = estimate_memory(g, budget).phase("no-grad scoring")
+    assert dict(chunk.items)["one log-prob + entropy chunk (1024 x 151936 x 12 B)"] == 12 * 1024 * 151936
+
+
+def test_config_mapping_validation_generation_batch():
+    run = estimate_run(compose_config(["experiment=dsrl_qwen3_4b"]))
+    s = run.estimate.setup
+    assert (s.val_batch, s.val_problems_per_rank, s.val_samples, s.val_generation_seqs) == (45, 6, 20, 40)
+    kv = dict(run.estimate.phase("validation: last decode").items)["KV cache (40 seqs x 9216 tokens)"]
+    assert kv == kv_cache_bytes(model_geometry("qwen3-4b"), 40, 9216)
+    # Without a validation batch size all 6 x 20 = 120 sequences go in one call: it does not fit.
+    all_at_once = estimate_run(compose_config(["experiment=dsrl_qwen3_4b", "module.validation.generation_batch_size=null"]))
+    assert all_at_once.estimate.setup.val_generation_seqs == 120 and not all_at_once.fits_hardware
+    assert all_at_once.estimate.peak_phase.name == "validation: last decode step"
+    # The default follows the rollout's (configs/module/default.yaml interpolation).
+    q = setup_from_config(compose_config(["experiment=qlora_qwen3_4b_24gb"]))
+    assert (q.val_generation_batch, q.val_problems_per_rank, q.val_generation_seqs) == (32, 64, 32)
+    off = setup_from_config(compose_config(["experiment=smoke", "validate_before=false", "validate_after=false",
+                                            "trainer.limit_val_batches=0"]))
+    assert off.val_batch == 0 and not any(p.name.startswith("validation") for p in estimate_memory("smollm2-135m", off).phases)
+
+
+def test_model_geometry_from_model_configs(tmp_path):
+    from prerl.models import build_tiny_tokenizer
+
+    def geometry(*overrides):
+        return geometry_from_model_config(compose_config(list(overrides)).model)
+
+    assert geometry("model=qwen3_1p7b") == geometry_from_config("qwen3-1.7b", name="qwen3-1.7b")
+    assert geometry("model=qwen3_4b_qlora").hidden_size == 2560
+    assert geometry("model=smollm2") == geometry_from_config("smollm2-135m", name="smollm2-135m")
+    tiny = geometry("model=tiny")
+    assert tiny.vocab_size == TINY_VOCAB == len(build_tiny_tokenizer())
+    assert (tiny.model_type, tiny.hidden_size, tiny.num_layers, tiny.head_dim) == ("llama", 64, 2, 16)
+    cfg = {"model_type": "qwen3", **TINY, "num_hidden_layers": 3}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert geometry("model=hf", f"model.name_or_path={tmp_path}").num_layers == 3
+    assert geometry("model=hf", "model.name_or_path=/nowhere/Qwen3-8B").hidden_size == 4096  # by name
+    with pytest.raises(ValueError, match="no built-in geometry"):
+        geometry("model=hf", "model.name_or_path=/nowhere/Unknown-7B")
+
+
+# ------------------------------------------------------------------------ GPU presets fit
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_declaring_hardware_fit_it(experiment):
+    """Every GPU experiment declares its hardware, and the estimate fits it with >= 10% headroom
+    (fragmentation of the growing KV cache and kernel workspaces beyond the assumed overhead)."""
+    cfg = compose_config([f"experiment={experiment}"])
+    if cfg.trainer.accelerator == "gpu":
+        assert cfg.hardware is not None, f"{experiment} runs on GPUs but declares no hardware"
+    if cfg.hardware is None:
+        return
+    run = estimate_run(cfg)
+    assert run.fits_hardware, (experiment, run.peak_gib, run.estimate.peak_phase.name)
+    assert run.peak_gib <= 0.9 * cfg.hardware.gpu_memory_gb, (experiment, run.peak_gib)
+
+
+def test_max_generation_batch_is_the_largest_that_fits():
+    run = estimate_run(compose_config(["experiment=qlora_qwen3_4b_24gb", "module.rollout.generation_batch_size=64"]))
+    assert not run.fits_hardware
+    n = max_generation_batch(run.estimate, 24)
+    assert n % 8 == 0 and n >= 8
+
+    def peak(gbs):
+        over = ["experiment=qlora_qwen3_4b_24gb", f"module.rollout.generation_batch_size={gbs}",
+                "module.validation.generation_batch_size=8"]
+        return estimate_run(compose_config(over)).estimate
+
+    assert peak(n).fits(24) and not peak(n + 8).fits(24)
+    # Full fine-tuning of the same model on one 24 GB card cannot fit (weights + AdamW alone).
+    full = estimate_memory("qwen3-4b", replace(run.estimate.setup, preset="full", dtype="fp32"))
+    assert full.phase("optimizer").total > 24 * GiB
+
+
+def test_qlora_24gb_breakdown():
+    est = estimate_run(compose_config(["experiment=qlora_qwen3_4b_24gb"])).estimate
+    items = {label: b for p in est.phases for label, b in p.items}
+    assert items["KV cache (32 seqs x 3072 tokens)"] == 32 * 3072 * 147_456
+    nf4 = items["base Linear weights (NF4 + double-quant stats)"]
+    assert 0.51 < nf4 / parameter_counts(model_geometry("qwen3-4b"))["linear"] < 0.52
+    assert est.peak_phase.name == "generation: last decode step"
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("estimate_memory_cli", ROOT / "scripts" / "estimate_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_verdicts(capsys):
+    cli = _cli()
+    assert cli.main(["experiment=qlora_qwen3_4b_24gb"]) == 0
+    out = capsys.readouterr().out
+    assert "VERDICT (1 x 24 GB): FITS" in out and "KV cache (32 seqs x 3072 tokens)" in out
+    assert "standard GPUs (GB): 24 fits" in out
+    cli.main(["experiment=qlora_qwen3_4b_24gb", "module.rollout.generation_batch_size=64"])
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "try: module.rollout.generation_batch_size <=" in out
+    cli.main(["experiment=dsrl_qwen3_4b", "--gpu-memory-gb", "40"])
+    assert "VERDICT (40 GB): DOES NOT FIT" in capsys.readouterr().out
+    cli.main(["experiment=dsrl_qwen3_4b", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits_hardware"] is True and out["per_rank"]["prompts"] == 16 and out["peak"] > 0
