@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PRERL_ROOT", str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without `pip install -e .`
+sys.path.insert(0, os.getcwd())  # user plug-ins (rewards, data sources) in the working directory
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
