@@ -17,12 +17,16 @@ sys.path.insert(0, os.getcwd())  # user plug-ins (rewards, data sources) in the 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from prerl.train import train  # noqa: E402
+from prerl.train import EXIT_CODES, train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    # 0 completed, 143 pre-empted (SIGTERM; checkpoint saved: requeue), 130 interrupted (Ctrl-C);
+    # a failure raises (exit code 1). summary.json in the run folder says which.
+    code = EXIT_CODES[train(cfg)["status"]]
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

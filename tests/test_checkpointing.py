@@ -2,6 +2,7 @@
 adapter-only LoRA checkpoints, SIGTERM saves, Hugging Face export."""
 
 import csv
+import json
 import os
 import signal
 import time
@@ -9,7 +10,6 @@ import time
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from transformers import AutoModelForCausalLM
 
 from prerl.checkpointing import AtomicCheckpointIO, is_valid_checkpoint, resolve_checkpoint
@@ -137,9 +137,10 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, monkeypatch):
     original = train_lib.instantiate_group
     monkeypatch.setattr(
         train_lib, "instantiate_group",
-        lambda cfg: original(cfg) + ([SendSigterm()] if cfg and "preemption" in cfg else []),
+        lambda cfg, where="callbacks": original(cfg, where) + ([SendSigterm()] if cfg and "fault_checkpoint" in cfg else []),
     )
-    with pytest.raises(SIGTERMException):
-        train(_smoke(tmp_path, 10))
+    summary = train(_smoke(tmp_path, 10))
+    assert summary["status"] == "preempted" and summary["global_step"] == 2
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 2  # the step under way when the signal came was kept
+    assert json.loads((tmp_path / "summary.json").read_text())["checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")

@@ -40,12 +40,40 @@ from prerl.scoring import check_chunkable, score_responses
 log = logging.getLogger(__name__)
 
 
+def check_phases(state: dict, num_phases: int) -> None:
+    """A checkpoint's training state must fit this run's objective (e.g. a DSRL checkpoint resumed
+    with a one-phase objective)."""
+    saved = int(state.get("num_phases", int(state["phase"]) + 1))
+    if saved != num_phases or int(state["phase"]) >= num_phases:
+        kind = lambda n: "DSRL (objective=dual, 2 phases)" if n == 2 else f"a {n}-phase objective"  # noqa: E731
+        raise ValueError(
+            f"the checkpoint was written by {kind(saved)} (in phase {int(state['phase']) + 1}), this run's objective "
+            f"is {kind(num_phases)}: resume with the objective it was trained with, or export its weights "
+            "(python -m prerl.export) and start a new run from them with model=hf"
+        )
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive updates had a NaN or infinite loss or gradient norm."""
 
 
 class NoLearningSignalError(RuntimeError):
     """Too many consecutive batches in which every kept response had advantage 0."""
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """A one-line settings error naming the key, its value and what is allowed."""
+    if not ok:
+        raise ValueError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _positive(prefix: str, settings: Any, *names: str, optional: tuple[str, ...] = ()) -> None:
+    for name in names + optional:
+        value = getattr(settings, name)
+        if value is None and name in optional:
+            continue
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{prefix}.{name}", value,
+                 "an integer >= 1" + (" or null" if name in optional else ""))
 
 
 @dataclass
@@ -58,6 +86,14 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     generation_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("module.rollout", self, "group_size", "max_new_tokens", optional=("generation_batch_size",))
+        # Training needs samples: T = 0 is greedy (G identical responses, no signal); T < 0 negates the logits.
+        _require(self.temperature > 0, "module.rollout.temperature", self.temperature,
+                 "> 0 (training samples G responses per prompt; the paper uses 1.0)")
+        _require(0 < self.top_p <= 1, "module.rollout.top_p", self.top_p, "in (0, 1]; 1.0 = off")
+        _require(isinstance(self.top_k, int) and self.top_k >= 0, "module.rollout.top_k", self.top_k, ">= 0; 0 = off")
 
 
 @dataclass
@@ -73,6 +109,13 @@ class UpdateConfig:
     max_grad_norm: float = 1.0
     recompute_old_logprobs: str = "auto"
 
+    def __post_init__(self) -> None:
+        _positive("module.update", self, "epochs", "mini_batches", "micro_batch_size",
+                  optional=("max_tokens_per_micro_batch", "logprob_chunk_tokens"))
+        _require(self.max_grad_norm > 0, "module.update.max_grad_norm", self.max_grad_norm, "> 0 (the paper: 1.0)")
+        _require(self.recompute_old_logprobs in ("auto", "always"), "module.update.recompute_old_logprobs",
+                 self.recompute_old_logprobs, "'auto' or 'always'")
+
 
 @dataclass
 class ValidationConfig:
@@ -84,7 +127,14 @@ class ValidationConfig:
     top_p: float = 1.0
     generation_batch_size: int | None = None
 
+    def __post_init__(self) -> None:
+        _positive("module.validation", self, "samples_per_problem", "max_new_tokens", optional=("generation_batch_size",))
+        _require(self.temperature >= 0, "module.validation.temperature", self.temperature, ">= 0; 0 = greedy")
+        _require(0 < self.top_p <= 1, "module.validation.top_p", self.top_p, "in (0, 1]; 1.0 = off")
 
+
+# Advantages computed within a group of responses to the same prompt: G = 1 gives no signal.
+GROUP_ADVANTAGES = ("grpo", "mean")
 NO_SIGNAL_MODES = ("step", "skip")
 
 
@@ -147,10 +197,15 @@ class PreRLModule(LightningModule):
         self.rollout_cfg = from_mapping(RolloutConfig, rollout, "module.rollout")
         self.update_cfg = from_mapping(UpdateConfig, update, "module.update")
         self.val_cfg = from_mapping(ValidationConfig, validation, "module.validation")
-        if self.update_cfg.recompute_old_logprobs not in ("auto", "always"):
-            raise ValueError("update.recompute_old_logprobs must be 'auto' or 'always'")
-        if no_signal not in NO_SIGNAL_MODES:
-            raise ValueError(f"module.no_signal={no_signal!r}; choose one of {NO_SIGNAL_MODES}")
+        _require(no_signal in NO_SIGNAL_MODES, "module.no_signal", no_signal, f"one of {NO_SIGNAL_MODES}")
+        for phase in self.phases:
+            for objective, _ in phase:
+                _require(
+                    self.rollout_cfg.group_size >= 2 or objective.advantage not in GROUP_ADVANTAGES,
+                    "module.rollout.group_size", self.rollout_cfg.group_size,
+                    f">= 2 for {objective!r}: its {objective.advantage!r} advantage compares each response "
+                    "with the others of its group (the paper: 8)",
+                )
         self.lr_warmup_steps = lr_warmup_steps
         self.disable_dropout = bool(disable_dropout)
         self.no_signal = no_signal
@@ -166,6 +221,11 @@ class PreRLModule(LightningModule):
         self.no_signal_total = 0
         self.consecutive_no_signal = 0
         self._pending_rng: dict | None = None
+        # Where the current training batch stands, so a checkpoint written after a crash inside
+        # it resumes at its start (same RNG, same data position) and never repeats an update.
+        self._rng_at_batch_start: dict | None = None
+        self._in_batch = False
+        self._updates_in_batch = 0
         self._train_keys: set[str] = set()
         self.last_samples: list[dict[str, Any]] = []
         self.val_accuracy = MeanMetric()
@@ -173,6 +233,7 @@ class PreRLModule(LightningModule):
         self.val_length = MeanMetric()
         self.val_truncated = MeanMetric()
         self.val_timeouts = SumMetric()
+        self.val_errors = SumMetric()
 
     # ---------------------------------------------------------------- model and optimizer
     def configure_model(self) -> None:
@@ -239,10 +300,17 @@ class PreRLModule(LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["prerl_rng"] = self._gather_rng_states()
         checkpoint["prerl_state"] = {key: getattr(self, key) for key in self.STATE_KEYS}
+        checkpoint["prerl_state"]["num_phases"] = len(self.phases)
+
+    def resumable_mid_batch(self) -> bool:
+        """True unless a training batch is under way and has already updated the weights: a
+        checkpoint written now would then redo that update on resume."""
+        return not (self._in_batch and self._updates_in_batch)
 
     def _gather_rng_states(self) -> list[dict]:
-        """Every rank's generator states, in rank order (each rank samples with its own)."""
-        state = capture_rng_state()
+        """Every rank's generator states, in rank order (each rank samples with its own). Inside a
+        training batch, the states at its start: a resume re-runs the batch from there."""
+        state = self._rng_at_batch_start if self._in_batch else capture_rng_state()
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return [state]
         states: list = [None] * torch.distributed.get_world_size()
@@ -253,6 +321,8 @@ class PreRLModule(LightningModule):
         state = checkpoint.get("prerl_state")
         if state is None:
             raise KeyError("checkpoint has no 'prerl_state': it was not written by PreRLModule")
+        check_phases(state, len(self.phases))
+        self._check_tensor_shapes(checkpoint.get("state_dict"))
         required = self._saved_keys()
         if required is not None and isinstance(checkpoint.get("state_dict"), dict):
             missing = required - set(checkpoint["state_dict"])
@@ -267,6 +337,19 @@ class PreRLModule(LightningModule):
             log.warning("checkpoint has RNG states for %d ranks, this run has %d: not restored", len(rng), world)
         for key in self.STATE_KEYS:
             setattr(self, key, int(state[key]))
+
+    def _check_tensor_shapes(self, saved: dict | None) -> None:
+        """One line naming the first tensor whose shape differs (a checkpoint of another model)."""
+        if not isinstance(saved, dict) or self._is_sharded():  # a sharded state_dict() is collective
+            return
+        own = self.state_dict()
+        for key, value in saved.items():
+            if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape) and value.numel():
+                raise ValueError(
+                    f"the checkpoint is from another model: {key} has shape {tuple(value.shape)} there and "
+                    f"{tuple(own[key].shape)} in this run's model ({self.model_spec.name}); resume with the model "
+                    "config it was trained with"
+                )
 
     def set_phase(self, phase: int) -> None:
         if not 0 <= phase < len(self.phases):
@@ -335,6 +418,7 @@ class PreRLModule(LightningModule):
         result = self.reward(rollout.texts, rollout.problems)
         rollout.rewards = result.rewards.to(self.device, torch.float32)
         rollout.reward_timeouts = int(result.timeouts)
+        rollout.reward_errors = int(getattr(result, "errors", 0))
         rollout.extracted = list(result.extracted)
         return rollout
 
@@ -427,6 +511,8 @@ class PreRLModule(LightningModule):
         if self._pending_rng is not None:
             restore_rng_state(self._pending_rng)
             self._pending_rng = None
+        self._rng_at_batch_start = capture_rng_state()
+        self._in_batch, self._updates_in_batch = True, 0
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         started = time.perf_counter()
@@ -437,6 +523,7 @@ class PreRLModule(LightningModule):
         sampled = time.perf_counter()
         metrics = rollout_metrics(rollout.rewards, rollout.group_size, rollout.response_mask, rollout.truncated)
         metrics["reward_timeouts"] = torch.tensor(float(rollout.reward_timeouts))
+        metrics["reward_errors"] = torch.tensor(float(rollout.reward_errors))
         metrics["phase"] = torch.tensor(float(self.phase + 1))
         self._keep_text_samples(rollout)
 
@@ -482,6 +569,7 @@ class PreRLModule(LightningModule):
         logged.update({key: torch.tensor(float("nan")) for key in self._train_keys - logged.keys()})
         self.log_dict(logged, on_step=True, batch_size=batch_size)
         self.log("train/accuracy_bar", metrics["accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
+        self._in_batch = False
 
     def _count_no_signal(self) -> None:
         # Every kept response has advantage 0 (e.g. all groups all-right or all-wrong).
@@ -590,6 +678,7 @@ class PreRLModule(LightningModule):
         if not math.isfinite(grad_norm):
             return self._skip_nonfinite(opt, "gradient norm")
         opt.step()
+        self._updates_in_batch += 1
         opt.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
         self.consecutive_nonfinite = 0
@@ -637,9 +726,11 @@ class PreRLModule(LightningModule):
         self.val_length.update(rollout.response_mask.sum(dim=1).float())
         self.val_truncated.update(rollout.truncated.float())
         self.val_timeouts.update(torch.tensor(float(rollout.reward_timeouts)))
+        self.val_errors.update(torch.tensor(float(rollout.reward_errors)))
         kwargs = dict(on_step=False, on_epoch=True, batch_size=n)
         self.log(f"val/avg@{k}", self.val_accuracy, prog_bar=True, **kwargs)
         self.log(f"val/pass@{k}", self.val_pass, **kwargs)
         self.log("val/response_len_mean", self.val_length, **kwargs)
         self.log("val/truncated_frac", self.val_truncated, **kwargs)
         self.log("val/reward_timeouts", self.val_timeouts, reduce_fx="sum", **kwargs)
+        self.log("val/reward_errors", self.val_errors, reduce_fx="sum", **kwargs)

@@ -28,6 +28,7 @@ class Rollout:
         group_size: G.
         rewards: (N,) float, filled in by the reward step.
         reward_timeouts: how many rewards timed out (each counted as reward 0).
+        reward_errors: how many rewards raised and were scored 0 (``reward.on_error=zero``).
     """
 
     prompt_ids: torch.Tensor
@@ -41,6 +42,7 @@ class Rollout:
     group_size: int
     rewards: torch.Tensor | None = None
     reward_timeouts: int = 0
+    reward_errors: int = 0
     extracted: list[str | None] = field(default_factory=list)
 
     @property

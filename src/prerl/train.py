@@ -1,40 +1,89 @@
-"""Build everything from a Hydra config, validate, train, validate again, print a summary.
+"""Build everything from a Hydra config, validate, train, validate again, write a summary.
 
 Thin by design (lightning-hydra-template): all logic lives in the components it instantiates.
+Nothing is lost or silent: every config key is checked against what its target accepts before
+anything is built, the run folder is this run's alone, and however the run ends (completed,
+pre-empted by SIGTERM, interrupted by Ctrl-C, failed) ``summary.json`` says so, with the step
+reached and the error, and the log file holds the traceback.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from prerl.callbacks import FaultCheckpoint
 from prerl.checkpointing import resolve_checkpoint
+from prerl.module import check_phases
+from prerl.run_folder import claim_run_folder, run_name
 
 log = logging.getLogger(__name__)
 
+OmegaConf.register_new_resolver("prerl.run_name", run_name, replace=True)
 
-def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+# Process exit codes of src/train.py by how the run ended ("failed" re-raises: exit code 1). A
+# scheduler can requeue a pre-empted run: 143 is the code of a process ended by SIGTERM.
+EXIT_CODES = {"completed": 0, "preempted": 143, "interrupted": 130}
+
+_HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+
+def check_keys(node: Any, where: str, extra: frozenset[str] = frozenset()) -> None:
+    """Every key of every ``_target_`` node under ``node`` must be a parameter of its target, else
+    a ValueError naming the config path, the unknown keys and the known ones (a typo is never
+    silently ignored, and the error comes before anything is built). ``extra``: keys of the root
+    node consumed by the caller."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_keys(item, f"{where}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    if "_target_" in node:
+        try:
+            target = hydra.utils.get_object(node._target_)
+        except Exception as err:
+            raise ValueError(f"{where}._target_={node._target_!r} cannot be imported: {err}") from None
+        params = inspect.signature(target).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            unknown = set(node.keys()) - _HYDRA_KEYS - set(params) - extra
+            if unknown:
+                known = sorted(k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+                raise ValueError(f"{where}: {node._target_} does not accept {sorted(unknown)}; its keys: {known}")
+    for key in node.keys():
+        check_keys(node._get_node(key), f"{where}.{key}")
+
+
+def instantiate_group(cfg: DictConfig | None, where: str = "callbacks") -> list[Any]:
     """Instantiate every entry of a dict-of-configs group (callbacks, loggers)."""
     if not cfg:
         return []
     items = []
     for name, node in cfg.items():
         if not isinstance(node, DictConfig) or "_target_" not in node:
-            raise ValueError(f"config entry {name!r} must be a mapping with a _target_")
+            raise ValueError(f"config entry {where}.{name} must be a mapping with a _target_")
+        check_keys(node, f"{where}.{name}")
         items.append(hydra.utils.instantiate(node))
     return items
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate data, module and trainer. The network itself is built later in configure_model."""
+    for group in ("model", "data", "objective", "module", "trainer"):
+        check_keys(cfg[group], group)
+    check_keys(cfg.reward, "reward", extra=frozenset({"on_error"}))
     spec = hydra.utils.instantiate(cfg.model)
     tokenizer = spec.build_tokenizer()  # fails early on a bad model path
     # The model's chat-template options (e.g. Qwen3 enable_thinking) complete the data's.
@@ -48,9 +97,24 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         reward=hydra.utils.instantiate(cfg.reward),
     )
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger")) or False
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"),
+        logger=instantiate_group(cfg.get("logger"), "logger") or False,
     )
     return datamodule, module, trainer
+
+
+def saved_training_state(ckpt_path: str) -> dict:
+    """The ``prerl_state`` of a checkpoint, read without loading its tensors (mmap; the metadata
+    file of a sharded folder)."""
+    path = Path(ckpt_path)
+    if path.is_dir():
+        state = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+    else:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    if "prerl_state" not in state:
+        raise KeyError(f"{ckpt_path} has no 'prerl_state': it was not written by PreRLModule")
+    return state["prerl_state"]
 
 
 def _val_metrics(results: list[dict]) -> dict[str, float]:
@@ -68,37 +132,82 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{key:<28}{fmt(before)}{fmt(after)}{change}")
     lines.append("-" * 64)
     lines.append(
-        f"steps={summary['global_step']}  phase={summary['final_phase']}  "
+        f"status={summary['status']}  steps={summary['global_step']}  phase={summary['final_phase']}  "
         f"train_time={summary['train_seconds']:.0f}s  output={summary['output_dir']}"
     )
+    if summary.get("error"):
+        lines.append(f"error: {summary['error']}")
+    if summary.get("checkpoint"):
+        lines.append(f"resume with: ckpt_path={summary['checkpoint']}")
     lines.append("=" * 64)
     return "\n".join(lines)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job; return the summary (also written to summary.json)."""
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule, module, trainer = build(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+def _fault_callback(trainer: L.Trainer | None) -> FaultCheckpoint | None:
+    callbacks = trainer.callbacks if trainer is not None else []
+    return next((c for c in callbacks if isinstance(c, FaultCheckpoint)), None)
 
-    summary: dict[str, Any] = {"tags": list(cfg.get("tags", [])), "output_dir": str(output_dir)}
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
-    if cfg.get("validate_before") and ckpt_path is None:  # a resumed run's "before" is its first run's
-        summary["before"] = _val_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    summary["train_seconds"] = time.perf_counter() - started
-    if cfg.get("validate_after"):
-        summary["after"] = _val_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
-    summary["global_step"] = trainer.global_step
-    summary["final_phase"] = module.phase + 1
-    summary["train_metrics"] = {  # the last update's values (NaN: not computed on that step)
-        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and not torch.isnan(v)
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job; return the summary (also written to summary.json).
+
+    ``summary["status"]`` is ``completed``, ``preempted`` (SIGTERM: a checkpoint of the step under
+    way was saved) or ``interrupted`` (Ctrl-C); a failed run writes its summary with status
+    ``failed`` and the error, logs the traceback, and re-raises.
+    """
+    # ModelCheckpoint warns (with a block of example code) about modules that keep pre-update
+    # weights for manual optimization; this module checkpoints after its update on purpose.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+    output_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:
+        claim_run_folder(output_dir)
+    summary: dict[str, Any] = {
+        "status": "running", "tags": list(cfg.get("tags", [])), "output_dir": str(output_dir),
+        "global_step": 0, "final_phase": 1, "train_seconds": 0.0, "train_metrics": {},
     }
-    if trainer.is_global_zero:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(format_summary(summary), flush=True)
+    trainer = module = None
+    started = time.perf_counter()
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule, module, trainer = build(cfg)
+        ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
+        if ckpt_path is not None:  # a mismatch fails now, not after the model is built
+            check_phases(saved_training_state(ckpt_path), len(module.phases))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if cfg.get("validate_before") and ckpt_path is None:  # a resumed run's "before" is its first run's
+            summary["before"] = _val_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        summary["train_seconds"] = time.perf_counter() - started
+        summary["train_metrics"] = {  # the last update's values (NaN: not computed on that step)
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and not torch.isnan(v)
+        }
+        fault = _fault_callback(trainer)
+        summary["status"] = (fault.stop_reason if fault else None) or "completed"
+        if summary["status"] == "completed" and cfg.get("validate_after"):
+            summary["after"] = _val_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+    except SIGTERMException:
+        summary["status"] = "preempted"
+        log.warning("pre-empted (SIGTERM) at step %d", trainer.global_step)
+    except BaseException as err:
+        fault = _fault_callback(trainer)
+        stopped = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
+        summary["status"] = (fault.stop_reason if fault else None) or stopped
+        summary["error"] = f"{type(err).__name__}: {err}"
+        log.error("run %s at step %d", summary["status"], trainer.global_step if trainer else 0, exc_info=True)
+        raise
+    finally:
+        if trainer is not None:
+            summary["global_step"] = trainer.global_step
+            summary["final_phase"] = module.phase + 1
+            fault = _fault_callback(trainer)
+            if fault is not None and fault.saved is not None:
+                summary["checkpoint"] = str(fault.saved)
+        if not summary["train_seconds"]:
+            summary["train_seconds"] = time.perf_counter() - started
+        if rank_zero_only.rank == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(format_summary(summary), flush=True)
     return summary

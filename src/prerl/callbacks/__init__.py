@@ -1,7 +1,9 @@
-"""Lightning callbacks: the DSRL phase switch, text samples in TensorBoard, pre-emption saves."""
+"""Lightning callbacks: the DSRL phase switch, text samples in TensorBoard, checkpoints on faults,
+logger flushes."""
 
+from prerl.callbacks.fault_checkpoint import FaultCheckpoint
+from prerl.callbacks.flush_loggers import FlushLoggers
 from prerl.callbacks.phase_switch import PhaseSwitch
-from prerl.callbacks.preemption import PreemptionCheckpoint
 from prerl.callbacks.text_samples import TextSamples
 
-__all__ = ["PhaseSwitch", "PreemptionCheckpoint", "TextSamples"]
+__all__ = ["FaultCheckpoint", "FlushLoggers", "PhaseSwitch", "TextSamples"]

@@ -1,0 +1,106 @@
+"""Never lose training state: save a checkpoint when the run is pre-empted (SIGTERM), interrupted
+(Ctrl-C) or fails (an exception), and record why the run stopped."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from lightning import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+class FaultCheckpoint(Callback):
+    """Write ``<checkpoint dir>/last.ckpt`` of the last completed update before the run stops.
+
+    * SIGTERM (pre-emption): Lightning's handler only records the signal and raises
+      ``SIGTERMException`` after the batch; this callback saves at the end of that batch first.
+    * SIGINT (Ctrl-C): the first one asks the run to finish its current step, save and stop
+      (``stop_reason = "interrupted"``); a second one exits at once without saving.
+    * Any other exception in a single-process run: the state at the start of the batch that
+      failed (weights, optimizer, data position and random state), so a resume re-runs that batch
+      exactly. A batch that had already updated the weights is not saved (a resume would repeat
+      the update): the previous checkpoint stays. With several processes the other ranks may be
+      inside a collective and could never join a save: nothing is saved, the periodic checkpoints
+      stay.
+    Signal decisions are agreed by all ranks (a sharded save is collective). Resume with
+    ``ckpt_path=<run folder>`` or ``ckpt_path=last``.
+
+    Args:
+        dirpath: where to write; default: the ModelCheckpoint's folder, else ``<root>/checkpoints``.
+        filename: checkpoint file name.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt"):
+        self.dirpath = dirpath
+        self.filename = filename
+        self.stop_reason: str | None = None  # "preempted" | "interrupted", read by prerl.train
+        self.saved: Path | None = None
+        self._sigint = False
+        self._previous_handler = None
+
+    def _target(self, trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath) / self.filename
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            return Path(trainer.checkpoint_callback.dirpath) / self.filename
+        return Path(trainer.default_root_dir) / "checkpoints" / self.filename
+
+    def _save(self, trainer, why: str) -> None:
+        path = self._target(trainer)
+        trainer.save_checkpoint(path)
+        self.saved = path
+        log.warning("%s: saved %s at step %d", why, path, trainer.global_step)
+
+    # ------------------------------------------------------------------ SIGINT
+    def _on_sigint(self, signum, frame) -> None:
+        if self._sigint:  # the second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._sigint = True
+        log.warning("Ctrl-C: finishing the current step, then saving a checkpoint and stopping "
+                    "(press Ctrl-C again to stop at once without saving)")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    # ------------------------------------------------------------------ batch end: signals
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sigterm = bool(getattr(trainer, "received_sigterm", False))
+        if trainer.strategy.reduce_boolean_decision(sigterm, all=False):
+            self.stop_reason = "preempted"
+            self._save(trainer, "SIGTERM received")
+        elif trainer.strategy.reduce_boolean_decision(self._sigint, all=False):
+            self.stop_reason = "interrupted"
+            self._save(trainer, "Ctrl-C")
+            trainer.should_stop = True
+
+    # ------------------------------------------------------------------ exceptions
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.stop_reason = "preempted"  # saved at the end of the batch already
+            return
+        if isinstance(exception, KeyboardInterrupt):
+            self.stop_reason = "interrupted"
+            return
+        if trainer.world_size > 1:
+            log.error("%s on one of %d ranks: no checkpoint written (the other ranks cannot join a save); the "
+                      "periodic checkpoints are kept", type(exception).__name__, trainer.world_size)
+            return
+        if not pl_module.resumable_mid_batch():
+            log.error("%s after this batch had updated the weights: no checkpoint written (a resume would "
+                      "repeat the update); the periodic checkpoints are kept", type(exception).__name__)
+            return
+        try:
+            self._save(trainer, f"{type(exception).__name__} at step {trainer.global_step}")
+        except Exception:  # never hide the original error behind a failed save
+            log.exception("could not save a checkpoint after the failure")
