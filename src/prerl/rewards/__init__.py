@@ -3,21 +3,28 @@
 - :class:`MathVerifyReward`   -- math-verify, gold first, strict last-``\\boxed{}`` extraction, counted timeouts.
 - :class:`ReasoningGymReward` -- extraction + the reasoning-gym task's own scorer.
 - :class:`DispatchReward`     -- routes by ``problem["verifier"]`` (the default reward).
+- :func:`build_reward`        -- ``cfg.reward`` -> checked callable; classes and plain functions
+                                 (user plug-ins, see docs/rewards.md), ``on_error``.
 """
 
 from .dispatch import DispatchReward
 from .extraction import extract_answer, last_answer_tag, last_boxed, last_number
 from .gym_reward import ReasoningGymReward
 from .math_verify_reward import MathVerifyReward, TimeoutException
+from .plugin import PluginReward, RewardContractError, RewardError, build_reward
 from .types import Reward, RewardResult
 
 __all__ = [
     "DispatchReward",
     "MathVerifyReward",
+    "PluginReward",
     "ReasoningGymReward",
     "Reward",
+    "RewardContractError",
+    "RewardError",
     "RewardResult",
     "TimeoutException",
+    "build_reward",
     "extract_answer",
     "last_answer_tag",
     "last_boxed",

@@ -48,7 +48,7 @@ class DispatchReward:
             groups.setdefault(verifier, []).append(i)
         rewards = torch.zeros(len(responses), dtype=torch.float32)
         extracted: list[str | None] = [None] * len(responses)
-        timeouts = 0
+        timeouts = errors = 0
         for verifier, idx in groups.items():
             res = self.routes[verifier]([responses[i] for i in idx], [problems[i] for i in idx])
             if res.rewards.numel() != len(idx):
@@ -59,7 +59,8 @@ class DispatchReward:
             for j, i in enumerate(idx):
                 extracted[i] = res.extracted[j] if res.extracted else None
             timeouts += int(res.timeouts)
-        return RewardResult(rewards, timeouts, extracted)
+            errors += int(getattr(res, "errors", 0))
+        return RewardResult(rewards, timeouts, extracted, errors)
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.routes.items())

@@ -14,14 +14,18 @@ __all__ = ["RewardResult", "Reward"]
 class RewardResult:
     """Outcome of scoring ``N`` responses.
 
-    rewards:   float tensor of shape (N,), values in {0., 1.}.
+    rewards:   float tensor of shape (N,); the built-in rewards give 0. or 1. (accuracy metrics count
+               reward > 0.5), plug-in rewards may give any finite value.
     timeouts:  how many of the N verifications hit the time limit (their reward is 0).
     extracted: the answer string pulled out of each response, ``None`` when none was found.
+    errors:    how many of the N responses made the reward raise and were scored 0 instead
+               (``reward.on_error=zero``, see :func:`prerl.rewards.build_reward`).
     """
 
     rewards: torch.Tensor
     timeouts: int = 0
     extracted: list[str | None] = field(default_factory=list)
+    errors: int = 0
 
     def __post_init__(self) -> None:
         if self.rewards.dim() != 1:
