@@ -25,21 +25,17 @@ def _run(args, tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_paths_run_on_cpu(tmp_path):
+def test_gpu_check_paths_and_presets_run_on_cpu(tmp_path):
+    """The three code paths train 2 updates each (both DSRL phases); every GPU preset trains 2
+    updates and validates one batch at a reduced shape, with an estimate for the same config."""
     proc, result = _run(["--steps", "2", "--prompts", "2", "--group-size", "4", "--max-new-tokens", "8",
-                         "--presets", ""], tmp_path)
+                         "--preset-steps", "2", "--preset-prompts", "2", "--preset-val-problems", "1",
+                         "--preset-max-new-tokens", "16", "--preset-prompt-len", "128"], tmp_path)
     rows = result["paths"]
-    assert [r["path"] for r in rows] == ["bf16", "fsdp", "qlora"] and result["presets"] == []
+    assert [r["path"] for r in rows] == ["bf16", "fsdp", "qlora"]
     for row in rows:
         assert row["updates"] == 2 and row["final_phase"] == 2 and row["sample_tokens_per_s"] > 0
     assert "peak GiB" in proc.stdout
-
-
-def test_gpu_check_presets_run_on_cpu(tmp_path):
-    """Every GPU preset trains 2 updates (both DSRL phases) and validates one batch at a reduced
-    shape, and gets an estimate for the same composed config."""
-    proc, result = _run(["--paths", "", "--preset-steps", "2", "--preset-prompts", "2", "--preset-val-problems", "1",
-                         "--preset-max-new-tokens", "16", "--preset-prompt-len", "128"], tmp_path)
     rows = result["presets"]
     assert [r["preset"] for r in rows] == ["dsrl_qwen3_4b", "qlora_qwen3_4b_24gb", "dsrl_qwen3_1p7b_1gpu"]
     for row in rows:

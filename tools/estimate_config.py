@@ -122,8 +122,10 @@ def setup_from_config(cfg: DictConfig, overhead_gib: float = 1.5) -> TrainingSet
     dtype = "bf16" if true_half else _DTYPES[str(model.get("dtype", "float32"))]
     fsdp_bf16 = False
     if fsdp:
-        mp = strategy.get("mixed_precision_dtypes") or {}
-        fsdp_bf16 = true_half or _DTYPES.get(str(mp.get("param_dtype")), "fp32") == "bf16"
+        # PolicyFSDPStrategy's mixed_precision_dtypes, else Lightning's FSDP precision plugin:
+        # param_dtype bf16 (fp16) for bf16-mixed / bf16-true (16-*), fp32 for 32-true.
+        mp = strategy.get("mixed_precision_dtypes")
+        fsdp_bf16 = _DTYPES.get(str(mp.get("param_dtype"))) == "bf16" if mp else precision not in ("32-true", "32")
     lora, quant = model.get("lora"), model.get("quantization")
     if lora and str(lora.get("target_modules", "all-linear")) != "all-linear":
         raise ValueError("only LoRA on all-linear is modelled (model.lora.target_modules)")

@@ -982,7 +982,8 @@ def format_summary(est: MemoryEstimate, gpu_gib: float | None = None) -> str:
     if gpu_gib is not None:
         lines.append(f"{gpu_gib:g} GB: " + (f"fits, {gpu_gib - est.peak / GiB:.1f} GiB headroom" if est.fits(gpu_gib)
                                               else "does not fit"))
-    lines.append("fits: " + ", ".join(f"{gb} GB" for gb, ok in fits_standard_gpus(est).items() if ok))
+    fits = [f"{gb} GB" for gb, ok in fits_standard_gpus(est).items() if ok]
+    lines.append("fits: " + (", ".join(fits) if fits else f"none of {', '.join(f'{gb}' for gb in STANDARD_GPUS)} GB"))
     return "\n".join(lines)
 
 
