@@ -2,8 +2,9 @@
 
 - ``AtomicCheckpointIO`` writes ``<name>.tmp`` and renames it, so a process killed mid-save
   leaves the previous file intact and never a truncated one under the final name.
-- ``resolve_checkpoint`` turns ``ckpt_path`` (a file or a folder of checkpoints) into the newest
-  checkpoint that passes ``is_valid_checkpoint``, skipping truncated or corrupt ones.
+- ``resolve_checkpoint`` turns ``ckpt_path`` (a file, a folder of checkpoints, a run folder or
+  ``last``) into the newest checkpoint that passes ``is_valid_checkpoint``, skipping truncated or
+  corrupt ones.
 - ``capture_rng_state`` / ``restore_rng_state`` carry python, numpy and torch (CPU and CUDA)
   generators, so sampling after a resume continues exactly where it stopped.
 """
@@ -61,36 +62,98 @@ def is_valid_checkpoint(path: str | Path) -> bool:
 
 
 def _candidates(folder: Path) -> list[Path]:
+    """The ``*.ckpt`` entries of ``folder`` (files, or sharded FSDP folders), newest first."""
     found = [p for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.startswith(".")]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def resolve_checkpoint(ckpt_path: str | Path | None) -> str | None:
-    """The checkpoint to resume from.
+LAST = "last"  # ckpt_path keyword: the newest valid checkpoint of this task's runs
 
-    ``ckpt_path`` may be None (start fresh), a checkpoint, or a folder of checkpoints (the newest
-    valid one is used). A checkpoint that is truncated or corrupt is skipped with a warning in
-    favour of the newest valid one beside it; if none is valid, FileNotFoundError.
+
+def _newest_valid(folder: Path, exclude: Path | None = None) -> tuple[Path | None, int]:
+    """(newest valid checkpoint in ``folder`` or None, number of invalid ones skipped)."""
+    skipped = 0
+    for candidate in _candidates(folder):
+        if candidate == exclude:
+            continue
+        if is_valid_checkpoint(candidate):
+            return candidate, skipped
+        log.warning("skipping invalid checkpoint %s", candidate)
+        skipped += 1
+    return None, skipped
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """A run folder (logs/<task>/runs/<run>) stands for its checkpoints/ subfolder."""
+    sub = path / "checkpoints"
+    return sub if sub.is_dir() else path
+
+
+def _resolve_last(runs_dir: str | Path | None) -> str:
+    """``ckpt_path=last``: the newest valid checkpoint (by modification time) over every run folder
+    in ``runs_dir``. Run folders without one (such as the new run's own, just created) are skipped."""
+    if runs_dir is None:
+        raise ValueError(
+            "ckpt_path=last needs the folder of this task's runs (resolve_checkpoint(..., runs_dir=...)); "
+            "give ckpt_path a checkpoint file or a run folder instead"
+        )
+    runs_dir = Path(runs_dir).expanduser()
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"ckpt_path=last: there are no runs to resume: {runs_dir} does not exist")
+    best: Path | None = None
+    looked, skipped = 0, 0
+    for run in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        folder = run / "checkpoints"
+        if not folder.is_dir():
+            continue
+        looked += 1
+        found, n_bad = _newest_valid(folder)
+        skipped += n_bad
+        if found is not None and (best is None or found.stat().st_mtime > best.stat().st_mtime):
+            best = found
+    if best is None:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no valid checkpoint in any run folder of {runs_dir} "
+            f"({looked} run folder(s) with a checkpoints/ subfolder"
+            f"{f', {skipped} invalid checkpoint(s) skipped' if skipped else ''}); nothing to resume"
+        )
+    log.info("ckpt_path=last: resuming from %s", best)
+    return str(best)
+
+
+def resolve_checkpoint(ckpt_path: str | Path | None, runs_dir: str | Path | None = None) -> str | None:
+    """The checkpoint to resume from (a path string for ``Trainer.fit(ckpt_path=...)``), or None.
+
+    ``ckpt_path`` may be:
+      - None: start fresh;
+      - a checkpoint file (or a sharded FSDP checkpoint folder): used if valid; if truncated or
+        corrupt, the newest valid checkpoint beside it is used, with a warning;
+      - a folder of checkpoints: its newest valid one (by modification time);
+      - a run folder (``logs/<task>/runs/<run>``): the newest valid one in its ``checkpoints/``;
+      - ``"last"``: the newest valid checkpoint over all run folders in ``runs_dir``
+        (``logs/<task>/runs``), skipping runs that have none.
+    Nothing valid found: FileNotFoundError saying where it looked.
     """
     if ckpt_path is None:
         return None
+    if str(ckpt_path) == LAST:
+        return _resolve_last(runs_dir)
     path = Path(ckpt_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path {path} does not exist")
     if path.is_dir() and not (path / SHARDED_METADATA).is_file():
-        candidates, folder = _candidates(path), path
+        folder, exclude = _checkpoint_folder(path), None
     elif is_valid_checkpoint(path):
         return str(path)
     else:
-        folder = path.parent
+        folder, exclude = path.parent, path
         log.warning("checkpoint %s is truncated or corrupt; looking for the newest valid one in %s", path, folder)
-        candidates = [p for p in _candidates(folder) if p != path]
-    for candidate in candidates:
-        if is_valid_checkpoint(candidate):
-            log.info("resuming from %s", candidate)
-            return str(candidate)
-        log.warning("skipping invalid checkpoint %s", candidate)
-    raise FileNotFoundError(f"no valid checkpoint in {folder} (from ckpt_path={ckpt_path})")
+    found, skipped = _newest_valid(folder, exclude)
+    if found is None:
+        what = f"{skipped} invalid checkpoint(s)" if skipped else "no *.ckpt checkpoint"
+        raise FileNotFoundError(f"no valid checkpoint in {folder} ({what}; from ckpt_path={ckpt_path})")
+    log.info("resuming from %s", found)
+    return str(found)
 
 
 def capture_rng_state() -> dict[str, Any]:
