@@ -19,6 +19,7 @@ _EXPORTS = {
     "convert_smollm2": "smollm2",
     "HFModelSpec": "hf",
     "ModelUnavailableError": "hf",
+    "NotAModelFolderError": "hf",
     "LoraSettings": "lora",
     "apply_lora": "lora",
     "is_lora_model": "lora",
@@ -55,7 +56,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .hf import HFModelSpec, ModelUnavailableError
+    from .hf import HFModelSpec, ModelUnavailableError, NotAModelFolderError
     from .lora import LoraSettings, apply_lora, is_lora_model
     from .quant import QuantizationSettings, disable_cpu_inference_repacking, is_quantized
     from .export import (

@@ -9,11 +9,31 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .spec import ModelSpec
-from .tokenizer import configure_chat_tokenizer
+from .tokenizer import configure_chat_tokenizer, missing_tokenizer_message
 
 
 class ModelUnavailableError(OSError):
     """A hub model name that cannot be resolved (not cached, hub unreachable or offline)."""
+
+
+class NotAModelFolderError(FileNotFoundError):
+    """A local folder that is not a Hugging Face model folder (it has no ``config.json``)."""
+
+
+def _not_a_model_folder_message(name: str, path: Path, shown: int = 12) -> str:
+    """Say what is missing and what IS there: an empty folder, a parent of model folders, an adapter."""
+    entries = sorted(path.iterdir(), key=lambda p: p.name)
+    listing = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:shown])
+    listing = (listing + (f", ... ({len(entries)} entries)" if len(entries) > shown else "")) or "nothing (empty)"
+    hint = ""
+    nested = [p.name for p in entries if (p / "config.json").is_file()]
+    if nested:
+        hint = f" Model folders inside it: {', '.join(nested[:5])}; point model.name_or_path at one of them."
+    elif (path / "adapter_config.json").is_file():
+        hint = (" It looks like a PEFT adapter: set model.name_or_path to its base model (adapter_config.json:"
+                " base_model_name_or_path).")
+    return (f"model.name_or_path={name!r}: not a model folder: {path} has no config.json (it holds: {listing})."
+            f"{hint} A Hugging Face model folder has config.json, the weights (*.safetensors) and the tokenizer files.")
 
 
 def looks_like_local_path(name_or_path: str) -> bool:
@@ -106,6 +126,8 @@ class HFModelSpec(ModelSpec):
                 raise FileNotFoundError(f"model.name_or_path={s!r}: local path {path} does not exist")
             if not path.is_dir():
                 raise NotADirectoryError(f"model.name_or_path={s!r}: {path} is not a folder")
+            if not (path / "config.json").is_file():
+                raise NotAModelFolderError(_not_a_model_folder_message(s, path))
             return str(path)
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -133,6 +155,10 @@ class HFModelSpec(ModelSpec):
         from transformers import AutoTokenizer
 
         source = self.resolve()
+        if looks_like_local_path(self.name_or_path) and not self.trust_remote_code:  # custom code may name its own files
+            problem = missing_tokenizer_message(source)
+            if problem is not None:
+                raise NotAModelFolderError(f"model.name_or_path={self.name_or_path!r}: {problem}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **self._from_pretrained_kwargs())
         except OSError as e:

@@ -64,6 +64,29 @@ def build_tiny_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerBas
     )
 
 
+# Files that hold a tokenizer's vocabulary, one of which every loadable local folder has (fast:
+# tokenizer.json; slow BPE: vocab.json + merges.txt; WordPiece: vocab.txt; sentencepiece: *.model;
+# tiktoken: *.tiktoken). tokenizer_config.json alone holds settings, not a vocabulary.
+TOKENIZER_VOCAB_PATTERNS = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")
+
+
+def missing_tokenizer_message(folder) -> str | None:
+    """None if ``folder`` holds tokenizer vocabulary files, else why it cannot give a tokenizer.
+
+    Without this check transformers answers a folder without tokenizer files with "you need to
+    have sentencepiece or tiktoken installed", which sends users after the wrong fix."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if any(next(folder.glob(pattern), None) is not None for pattern in TOKENIZER_VOCAB_PATTERNS):
+        return None
+    return (
+        f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_VOCAB_PATTERNS)}): copy them next to "
+        "config.json from the model's original folder (e.g. `hf download <name> --include 'tokenizer*' "
+        "'vocab*' 'merges.txt' '*.model' --local-dir <folder>` where the hub is reachable)"
+    )
+
+
 def configure_chat_tokenizer(
     tokenizer: PreTrainedTokenizerBase,
     *,
