@@ -420,16 +420,15 @@ def test_gym_arithmetic_config_sets_up(tiny_tokenizer):
     assert all(p["meta"]["metadata"]["num_terms"] == 2 for p in dm.val_problems)
 
 
-def test_jsonl_config_requires_path(tmp_path, tiny_tokenizer):
-    from omegaconf.errors import MissingMandatoryValue
-
-    with pytest.raises(MissingMandatoryValue):
-        _instantiate("jsonl")
+def test_jsonl_config_holds_out_validation_from_the_same_file(tmp_path, tiny_tokenizer):
     f = write(tmp_path / "t.jsonl", "".join(json.dumps({"question": f"q{i}?", "answer": str(i)}) + "\n" for i in range(130)))
-    dm = _instantiate("jsonl", **{"train.path": str(f), "batch_size": 4})
+    dm = _instantiate("jsonl", **{"train.path": str(f), "train.holdout": 100, "batch_size": 4})
+    assert dm.val_source.path == dm.train_source.path  # val reads the same file (interpolated)
     dm.tokenizer = tiny_tokenizer
     dm.setup()
     assert (len(dm.train_problems), len(dm.val_problems)) == (30, 100)
+    assert dm.stats["train"]["overlap_with_val_dropped"] == 0  # the two parts are disjoint by construction
+    assert_disjoint(dm.train_problems, dm.val_problems)
 
 
 def test_math500_config_removes_benchmark_from_training(tiny_tokenizer):

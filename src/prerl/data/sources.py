@@ -172,6 +172,15 @@ def to_jsonable(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- files
+def _check_size(size: Any, owner: str) -> int | None:
+    """``size`` of file and packaged sources: None (all) or a positive "at most this many problems"."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or int(size) != size or int(size) <= 0:
+        raise ValueError(f"{owner}: size must be a positive number of problems or null, got {size!r}")
+    return int(size)
+
+
 def _get_field(record: Any, field: str) -> Any:
     """``record[field]``; dotted names walk nested dicts ("a.b" -> record["a"]["b"])."""
     if isinstance(record, Mapping) and field in record:
@@ -191,12 +200,21 @@ class FileSource(Source):
         path: the file. ``format="auto"`` picks by extension (.jsonl/.ndjson, .json, .parquet).
         question_field, answer_field: keys of the question and gold answer (dotted for nesting).
         id_field: optional key holding a stable id; default ``<file stem>/<record index>``.
-        limit: keep only the first ``limit`` records.
+        limit: read only the first ``limit`` records of the file.
+        size: return at most ``size`` problems (the first ones of the selected ``part``). The
+            name matches ReasoningGymSource's, so presets such as ``experiment=smoke`` can
+            shrink any source with ``data.train.size``.
         verifier: "math" (default) or "reasoning_gym".
         answer_transform: None, "gsm8k" (text after '####', commas removed) or
             "math_boxed" (last \\boxed{} of a solution).
         id_prefix: prefix of generated ids (default: the file stem).
-    Every other field of the record is kept in ``meta``.
+        holdout, holdout_seed, part: a validation set held out of the same file. The problems
+            are de-duplicated (same normalised question), then ``holdout`` of them are drawn by a
+            permutation seeded with ``holdout_seed``; ``part="val"`` returns those, ``"train"``
+            the others, ``"all"`` (default) every problem. Two sources with equal settings and
+            parts "train" and "val" therefore never share a question.
+    Every other field of the record is kept in ``meta``. Ids stay ``<prefix>/<record index>``
+    in every part, so a problem has the same id whichever part it lands in.
     """
 
     def __init__(
@@ -210,12 +228,29 @@ class FileSource(Source):
         answer_transform: str | None = None,
         id_field: str | None = None,
         id_prefix: str | None = None,
+        size: int | None = None,
+        holdout: int = 0,
+        holdout_seed: int = 0,
+        part: Literal["all", "train", "val"] = "all",
     ) -> None:
         self.path = Path(os.fspath(path)).expanduser()
         self.question_field = question_field
         self.answer_field = answer_field
         self.format = format
         self.limit = None if limit is None else int(limit)
+        self.size = _check_size(size, f"FileSource({self.path})")
+        self.holdout = int(holdout or 0)
+        self.holdout_seed = int(holdout_seed)
+        if self.holdout < 0:
+            raise ValueError(f"FileSource({self.path}): holdout must be >= 0, got {self.holdout}")
+        if part not in ("all", "train", "val"):
+            raise ValueError(f"FileSource({self.path}): part must be 'all', 'train' or 'val', got {part!r}")
+        if part == "val" and self.holdout == 0:
+            raise ValueError(
+                f"FileSource({self.path}): part='val' with holdout=0 selects nothing; set holdout to the number "
+                "of problems to hold out (and the same holdout on the train part)"
+            )
+        self.part = part
         if verifier not in VERIFIERS:
             raise ValueError(f"FileSource({self.path}): unknown verifier {verifier!r}; expected one of {VERIFIERS}")
         self.verifier = verifier
@@ -256,8 +291,11 @@ class FileSource(Source):
             raise ValueError(f"data file is empty: {self.path}")
         records: list[tuple[str, Any]] = []
         if fmt == "jsonl":
-            with self.path.open("r", encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
+            with self.path.open("rb") as f:  # bytes, so a bad byte can be located (line, offset)
+                offset = 0
+                for lineno, raw in enumerate(f, start=1):
+                    line = self._decode(raw, lineno, offset)
+                    offset += len(raw)
                     if not line.strip():
                         continue
                     try:
@@ -268,8 +306,15 @@ class FileSource(Source):
                     if self.limit is not None and len(records) >= self.limit:
                         break
         elif fmt == "json":
+            raw = self.path.read_bytes()
             try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                start = raw.rfind(b"\n", 0, e.start) + 1  # the bad byte's line, for the message
+                raise self._utf8_error(raw[start : e.end], raw.count(b"\n", 0, e.start) + 1, start, e.start - start,
+                                       e) from None
+            try:
+                data = json.loads(text)
             except json.JSONDecodeError as e:
                 raise ValueError(
                     f"{self.path}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg})"
@@ -297,7 +342,50 @@ class FileSource(Source):
             raise ValueError(f"data file has no records: {self.path}")
         return records
 
+    def _decode(self, raw: bytes, lineno: int, offset: int) -> str:
+        """Line ``lineno`` (starting at byte ``offset`` of the file) as text."""
+        try:
+            # utf-8-sig on line 1 drops a byte-order mark (editors on Windows write one)
+            return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise self._utf8_error(raw, lineno, offset, e.start, e) from None
+
+    def _utf8_error(self, line: bytes, lineno: int, offset: int, pos: int, e: UnicodeDecodeError) -> ValueError:
+        """The error for a non-UTF-8 byte at ``line[pos]``, naming the file, line, column and byte offset."""
+        column = len(line[:pos].decode("utf-8", "replace")) + 1
+        bad = e.object[e.start : e.end].hex(" ")
+        return ValueError(
+            f"{self.path}: line {lineno}, column {column} (byte offset {offset + pos} of the file): not valid UTF-8 "
+            f"(byte {bad}: {e.reason}). Save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`"
+        )
+
     def load(self) -> list[dict]:
+        problems = self._load_all()
+        if self.holdout:
+            problems = self._select_part(problems)
+        if self.size is not None:
+            problems = problems[: self.size]
+        return problems
+
+    def _select_part(self, problems: list[dict]) -> list[dict]:
+        """The ``part`` of the seeded hold-out split (see the class docstring)."""
+        from .splits import carve_val, dedupe
+
+        distinct, dropped = dedupe(problems)
+        if dropped:
+            logger.info("%s: %d duplicate question(s) dropped before the hold-out", self.path, dropped)
+        if self.holdout >= len(distinct):
+            raise ValueError(
+                f"FileSource({self.path}): holdout={self.holdout} leaves no training problems: the file has "
+                f"{len(distinct)} distinct problems{f' in its first {self.limit} records' if self.limit else ''}; "
+                "lower data.train.holdout"
+            )
+        if self.part == "all":
+            return problems
+        train, val = carve_val(distinct, self.holdout, self.holdout_seed)
+        return train if self.part == "train" else val
+
+    def _load_all(self) -> list[dict]:
         fmt = self._resolve_format()
         transform = _ANSWER_TRANSFORMS[self.answer_transform]
         problems = []
@@ -338,7 +426,8 @@ class FileSource(Source):
     def __repr__(self) -> str:
         return (
             f"FileSource(path={str(self.path)!r}, question_field={self.question_field!r}, "
-            f"answer_field={self.answer_field!r}, limit={self.limit}, verifier={self.verifier!r})"
+            f"answer_field={self.answer_field!r}, limit={self.limit}, size={self.size}, verifier={self.verifier!r}, "
+            f"holdout={self.holdout}, holdout_seed={self.holdout_seed}, part={self.part!r})"
         )
 
 
@@ -441,10 +530,12 @@ class PackagedSource(Source):
     """Real benchmark data shipped inside PyPI packages (usable offline).
 
     name: gsm8k | math | math500 | svamp | aime24 | aime25 | aime; split: train | test
-    (math500, svamp and aime only have "test"); limit keeps the first ``limit`` problems.
+    (math500, svamp and aime only have "test"); ``limit`` and ``size`` both keep at most that
+    many problems, the first ones (``size`` is the name presets such as ``experiment=smoke``
+    use for every source; with both, the smaller wins).
     """
 
-    def __init__(self, name: str, split: str = "test", limit: int | None = None) -> None:
+    def __init__(self, name: str, split: str = "test", limit: int | None = None, size: int | None = None) -> None:
         if name not in PACKAGED_DATASETS:
             raise ValueError(f"unknown packaged dataset {name!r}; available: {sorted(PACKAGED_DATASETS)}")
         splits = PACKAGED_DATASETS[name][0]
@@ -453,30 +544,36 @@ class PackagedSource(Source):
         self.dataset = name
         self.split = split
         self.limit = None if limit is None else int(limit)
+        self.size = _check_size(size, f"PackagedSource({name}/{split})")
         self.name = f"{name}/{split}"
 
     def load(self) -> list[dict]:
         problems = PACKAGED_DATASETS[self.dataset][1](self.split)
-        return problems if self.limit is None else problems[: self.limit]
+        caps = [c for c in (self.limit, self.size) if c is not None]
+        return problems[: min(caps)] if caps else problems
 
     def __repr__(self) -> str:
-        return f"PackagedSource(name={self.dataset!r}, split={self.split!r}, limit={self.limit})"
+        return f"PackagedSource(name={self.dataset!r}, split={self.split!r}, limit={self.limit}, size={self.size})"
 
 
 class ConcatSource(Source):
-    """Concatenation of several sources (ids must stay unique across them)."""
+    """Concatenation of several sources (ids must stay unique across them); ``size`` keeps at most
+    that many problems of the concatenation, the first ones."""
 
-    def __init__(self, sources: Sequence[Source]) -> None:
+    def __init__(self, sources: Sequence[Source], size: int | None = None) -> None:
         self.sources = list(sources)
         if not self.sources:
             raise ValueError("ConcatSource needs at least one source")
+        self.size = _check_size(size, "ConcatSource")
         self.name = "+".join(s.name for s in self.sources)
 
     def load(self) -> list[dict]:
         out: list[dict] = []
         for s in self.sources:
             out.extend(s.load())
-        return out
+            if self.size is not None and len(out) >= self.size:
+                break  # later sources are not read at all
+        return out if self.size is None else out[: self.size]
 
     def __repr__(self) -> str:
-        return f"ConcatSource({self.sources!r})"
+        return f"ConcatSource({self.sources!r}, size={self.size})"
