@@ -97,3 +97,37 @@ def make_trainer(max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(callbacks=list(callbacks), **defaults)
+
+
+class FailingRandomReward:
+    """The random reward that raises on its ``fail_on_call``-th call (1-based) in this process."""
+
+    def __init__(self, p: float = 0.5, seed: int = 0, fail_on_call: int = 3):
+        from prerl.rewards.random_reward import RandomReward
+
+        self.inner = RandomReward(p=p, seed=seed)
+        self.fail_on_call = int(fail_on_call)
+        self.calls = 0
+
+    def __call__(self, responses, problems):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError(f"verifier crashed on call {self.calls}")
+        return self.inner(responses, problems)
+
+
+class SignalAt(L.Callback):
+    """A callback that sends this process ``signal`` at the start of the batch after ``step`` updates
+    (SIGKILL: the process dies on the spot, as under the OOM killer)."""
+
+    def __init__(self, step: int = 1, signal: str = "SIGTERM"):
+        import signal as signals
+
+        self.step = int(step)
+        self.signum = getattr(signals, signal)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import os
+
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

@@ -40,6 +40,21 @@ from prerl.scoring import check_chunkable, score_responses
 log = logging.getLogger(__name__)
 
 
+def rewind_to_previous_batch_end(loops: dict) -> None:
+    """Make the loop counters of a checkpoint written inside a training batch (after a failure,
+    before that batch updated anything) read as those of a checkpoint written at the end of the
+    previous batch, where Lightning's periodic checkpoints are taken: ready = started = processed,
+    completed = processed - 1, and the logging step one less. The resume then re-runs the batch
+    and logs it at its own step. (Lightning 2.6 loop-state layout.)"""
+    epoch_loop = loops["fit_loop"]
+    progress = epoch_loop["epoch_loop.batch_progress"]
+    for part in ("total", "current"):
+        done = progress[part]["processed"]
+        progress[part].update(ready=done, started=done, completed=max(done - 1, 0))
+    state = epoch_loop["epoch_loop.state_dict"]
+    state["_batches_that_stepped"] = max(state["_batches_that_stepped"] - 1, 0)
+
+
 def check_phases(state: dict, num_phases: int) -> None:
     """A checkpoint's training state must fit this run's objective (e.g. a DSRL checkpoint resumed
     with a one-phase objective)."""
@@ -301,6 +316,8 @@ class PreRLModule(LightningModule):
         checkpoint["prerl_rng"] = self._gather_rng_states()
         checkpoint["prerl_state"] = {key: getattr(self, key) for key in self.STATE_KEYS}
         checkpoint["prerl_state"]["num_phases"] = len(self.phases)
+        if self._in_batch and "loops" in checkpoint:
+            rewind_to_previous_batch_end(checkpoint["loops"])
 
     def resumable_mid_batch(self) -> bool:
         """True unless a training batch is under way and has already updated the weights: a

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from prerl.callbacks import FaultCheckpoint
@@ -66,6 +67,17 @@ def check_keys(node: Any, where: str, extra: frozenset[str] = frozenset()) -> No
         check_keys(node._get_node(key), f"{where}.{key}")
 
 
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, raising the target's own error (one line naming the setting)
+    instead of Hydra's wrapper around it."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, Exception):
+            raise err.__cause__ from None
+        raise
+
+
 def instantiate_group(cfg: DictConfig | None, where: str = "callbacks") -> list[Any]:
     """Instantiate every entry of a dict-of-configs group (callbacks, loggers)."""
     if not cfg:
@@ -75,7 +87,7 @@ def instantiate_group(cfg: DictConfig | None, where: str = "callbacks") -> list[
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ValueError(f"config entry {where}.{name} must be a mapping with a _target_")
         check_keys(node, f"{where}.{name}")
-        items.append(hydra.utils.instantiate(node))
+        items.append(instantiate(node))
     return items
 
 
@@ -84,19 +96,19 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     for group in ("model", "data", "objective", "module", "trainer"):
         check_keys(cfg[group], group)
     check_keys(cfg.reward, "reward", extra=frozenset({"on_error"}))
-    spec = hydra.utils.instantiate(cfg.model)
+    spec = instantiate(cfg.model)
     tokenizer = spec.build_tokenizer()  # fails early on a bad model path
     # The model's chat-template options (e.g. Qwen3 enable_thinking) complete the data's.
     template_kwargs = {**(cfg.data.get("chat_template_kwargs") or {}), **spec.chat_template_kwargs}
-    datamodule = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer, chat_template_kwargs=template_kwargs)
-    module = hydra.utils.instantiate(
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, chat_template_kwargs=template_kwargs)
+    module = instantiate(
         cfg.module,
         model=spec,
         tokenizer=tokenizer,
-        objective=hydra.utils.instantiate(cfg.objective),
-        reward=hydra.utils.instantiate(cfg.reward),
+        objective=instantiate(cfg.objective),
+        reward=instantiate(cfg.reward),
     )
-    trainer = hydra.utils.instantiate(
+    trainer = instantiate(
         cfg.trainer,
         callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"),
         logger=instantiate_group(cfg.get("logger"), "logger") or False,

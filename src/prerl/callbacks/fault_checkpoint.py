@@ -64,14 +64,19 @@ class FaultCheckpoint(Callback):
         log.warning("Ctrl-C: finishing the current step, then saving a checkpoint and stopping "
                     "(press Ctrl-C again to stop at once without saving)")
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After Lightning's signal connector took its snapshot of the handlers (it restores that
+        # snapshot at teardown), and in the main thread, where signal handlers live.
+        if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def _restore_sigint(self) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_sigint()
 
     # ------------------------------------------------------------------ batch end: signals
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -86,6 +91,7 @@ class FaultCheckpoint(Callback):
 
     # ------------------------------------------------------------------ exceptions
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_sigint()  # Lightning does not call teardown hooks after an exception
         if isinstance(exception, SIGTERMException):
             self.stop_reason = "preempted"  # saved at the end of the batch already
             return
