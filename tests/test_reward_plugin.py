@@ -120,6 +120,18 @@ def test_shipped_reward_configs_build_with_nested_targets():
     assert reward([r"so \boxed{1}", r"\boxed{3}"], problems(2)).rewards.tolist() == [1.0, 0.0]
     for name in ("boxed", "random"):
         assert len(build_reward(OmegaConf.load(REPO / "configs" / "reward" / f"{name}.yaml"))(["x"], problems(1))) == 1
+    for path in (REPO / "configs" / "reward").glob("*.yaml"):  # the key is declared (and commented) in each
+        assert OmegaConf.load(path).on_error == "raise", path.name
+
+
+def test_plugin_config_with_a_target_and_added_keys_from_the_command_line():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "reward=plugin", f"reward._target_={HERE}.contains_answer", "+reward.weight=3.0", "reward.on_error=zero"])
+    reward = build_reward(cfg.reward)
+    assert reward.on_error == "zero" and reward(["1", "x"], problems(2)).rewards.tolist() == [3.0, 0.0]
 
 
 # --------------------------------------------------------------- return types
@@ -216,5 +228,22 @@ def test_import_error_inside_the_plugin_is_not_reported_as_a_missing_plugin(tmp_
     try:
         with pytest.raises(ImportError, match=r"importing .*my_rewards_broken_import.*failed.*a_dependency_that_is_not_installed"):
             build_reward({"_target_": f"{name}.score"})
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_the_documented_example_module_works(tmp_path, monkeypatch):
+    """docs/rewards.md's my_rewards.py, built the way its command lines configure it."""
+    doc = (REPO / "docs" / "rewards.md").read_text()
+    code = next(block for block in doc.split("```python\n")[1:] if block.startswith("# my_rewards.py"))
+    name = "my_rewards_doc_example"
+    (tmp_path / f"{name}.py").write_text(code.split("```")[0])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        last_number = build_reward({"_target_": f"{name}.last_number", "tolerance": 0.01, "on_error": "raise"})
+        assert last_number(["it is 2.005", "1 then 3", "none"], problems(3)).rewards.tolist() == [0.0, 0.0, 0.0]
+        assert last_number(["so 1.005", "2", "3"], problems(3)).rewards.tolist() == [1.0, 1.0, 1.0]
+        concise = build_reward({"_target_": f"{name}.Concise", "max_words": 3})
+        assert concise(["1", "the answer is 2", "3 words here"], problems(3)).rewards.tolist() == [1.0, 0.0, 1.0]
     finally:
         sys.modules.pop(name, None)

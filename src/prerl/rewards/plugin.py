@@ -100,7 +100,7 @@ def _to_plain(node: Any) -> Any:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
         if isinstance(node, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(node, resolve=True)
+            return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)  # `???`: MissingMandatoryValue
     except ImportError:  # pragma: no cover - omegaconf ships with hydra
         pass
     return node
@@ -116,8 +116,7 @@ def build_reward(node: Any) -> "PluginReward":
         raise ValueError("cfg.reward is missing: choose one with reward=<default|boxed|random> or set reward._target_")
     if not isinstance(node, Mapping) and not hasattr(node, "keys"):
         raise TypeError(f"cfg.reward must be a mapping with a _target_, got {type(node).__name__}")
-    spec = _to_plain(node)
-    spec = dict(spec)
+    spec = dict(_to_plain(node))
     target = spec.pop("_target_", None)
     if target is None:
         raise ValueError(f"cfg.reward has no _target_ (keys: {sorted(spec)}); name a reward class or function")
@@ -128,10 +127,9 @@ def build_reward(node: Any) -> "PluginReward":
 
     if inspect.isclass(obj):
         import hydra.utils
-        from omegaconf import OmegaConf
 
         # Hydra builds the class and any nested _target_ nodes (DispatchReward's sub-rewards).
-        fn = hydra.utils.instantiate(OmegaConf.create({"_target_": target, **spec}))
+        fn = hydra.utils.instantiate({"_target_": target, **spec})
         if not callable(fn):
             raise TypeError(f"reward {target}: an instance of this class is not callable (it needs __call__(responses, problems))")
     elif callable(obj):
