@@ -17,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue
 from helpers import tiny_spec
 from prerl.checkpointing import AtomicCheckpointIO
 from prerl.fsdp import PolicyFSDPStrategy
+from prerl.rewards import build_reward
 from prerl.train import instantiate_group, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path):
         elif name == "module":
             module = hydra.utils.instantiate(
                 node, model=spec, tokenizer=tok, objective=hydra.utils.instantiate(cfg.objective),
-                reward=hydra.utils.instantiate(cfg.reward),
+                reward=build_reward(cfg.reward),
             )
             assert module.rollout_cfg.group_size >= 1
         elif name == "trainer":
@@ -87,6 +88,8 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path):
             assert hydra.utils.instantiate(node, logger=False, enable_progress_bar=False) is not None
         elif name in ("logger", "callbacks"):
             assert all(item is not None for item in instantiate_group(node))
+        elif name == "reward":
+            assert build_reward(node) is not None
         else:
             assert hydra.utils.instantiate(node) is not None
 

@@ -159,7 +159,7 @@ def test_resuming_with_another_objective_or_model_is_one_clear_line(tmp_path):
     train(_smoke(tmp_path / "dsrl", 2))
     ckpt = tmp_path / "dsrl" / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match=r"DSRL \(objective=dual, 2 phases\).* a 1-phase objective"):
-        train(_smoke(tmp_path / "grpo", 3, "objective=grpo", f"ckpt_path={ckpt}"))
+        train(compose_train(["experiment=smoke", "objective=grpo", f"ckpt_path={ckpt}"], output_dir=tmp_path / "grpo"))
     with pytest.raises(ValueError, match=r"another model: policy\.\S+ has shape \(\d+, 64\) there and \(\d+, 32\)"):
         train(_smoke(tmp_path / "small", 3, "model.hidden_size=32", "model.intermediate_size=64", f"ckpt_path={ckpt}"))
 

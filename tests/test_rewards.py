@@ -239,12 +239,13 @@ def test_dispatch_unknown_verifier():
 
 @pytest.mark.parametrize("name", ["default", "boxed"])
 def test_reward_configs_instantiate(name, rg_problems):
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    d = instantiate(OmegaConf.load(REPO / "configs" / "reward" / f"{name}.yaml"))
-    assert isinstance(d, DispatchReward)
-    assert set(d.routes) == {"math", "reasoning_gym"}
+    from prerl.rewards import build_reward
+
+    d = build_reward(OmegaConf.load(REPO / "configs" / "reward" / f"{name}.yaml"))
+    assert isinstance(d.fn, DispatchReward)
+    assert set(d.fn.routes) == {"math", "reasoning_gym"}
     g = rg_problems[0]
     responses = [r"\boxed{72}", rf"\boxed{{{g['answer']}}}", f"so it is {g['answer']}", "72"]
     expected_gym_unboxed = 1.0 if name == "default" else 0.0  # default: last_number for gym

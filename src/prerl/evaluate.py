@@ -18,7 +18,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
     # Lightning restores the checkpoint (full or adapter-only, sharded or not) like a resume would.
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
+    runs = Path(cfg.paths.log_dir) / cfg.get("checkpoints_of", cfg.task_name) / "runs"  # for ckpt_path=last
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir=runs)
     (metrics,) = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=True)
     result = {"ckpt_path": ckpt_path, "metrics": {k: float(v) for k, v in metrics.items()}}
     if trainer.is_global_zero:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from prerl.callbacks import FaultCheckpoint
 from prerl.checkpointing import resolve_checkpoint
 from prerl.module import check_phases
+from prerl.rewards import build_reward
 from prerl.run_folder import claim_run_folder, run_name
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,7 @@ def instantiate_group(cfg: DictConfig | None, where: str = "callbacks") -> list[
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate data, module and trainer. The network itself is built later in configure_model."""
     for group in ("model", "data", "objective", "module", "trainer"):
-        check_keys(cfg[group], group)
-    check_keys(cfg.reward, "reward", extra=frozenset({"on_error"}))
+        check_keys(cfg[group], group)  # the reward's keys are checked by build_reward
     spec = instantiate(cfg.model)
     tokenizer = spec.build_tokenizer()  # fails early on a bad model path
     # The model's chat-template options (e.g. Qwen3 enable_thinking) complete the data's.
@@ -106,7 +106,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         model=spec,
         tokenizer=tokenizer,
         objective=instantiate(cfg.objective),
-        reward=instantiate(cfg.reward),
+        reward=build_reward(cfg.reward),
     )
     trainer = instantiate(
         cfg.trainer,
@@ -114,6 +114,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         logger=instantiate_group(cfg.get("logger"), "logger") or False,
     )
     return datamodule, module, trainer
+
+
+def runs_dir(cfg: DictConfig) -> Path:
+    """Where this task's run folders are (``ckpt_path=last`` takes the newest checkpoint there)."""
+    return Path(cfg.paths.log_dir) / cfg.task_name / "runs"
 
 
 def saved_training_state(ckpt_path: str) -> dict:
@@ -182,7 +187,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg)
-        ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"))
+        ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir=runs_dir(cfg))
         if ckpt_path is not None:  # a mismatch fails now, not after the model is built
             check_phases(saved_training_state(ckpt_path), len(module.phases))
         for logger in trainer.loggers:
