@@ -80,7 +80,7 @@ def _cli(tmp_path, *overrides, timeout=300):
 
 
 @pytest.mark.slow
-def test_cli_preemption_exits_143_and_sigkill_loses_no_tensorboard_point(tmp_path):
+def test_cli_exit_codes_log_files_and_no_tensorboard_point_lost_after_sigkill(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     signal_at = lambda step, sig: f"+callbacks.signal={{_target_: helpers.SignalAt, step: {step}, signal: {sig}}}"  # noqa: E731
@@ -89,8 +89,14 @@ def test_cli_preemption_exits_143_and_sigkill_loses_no_tensorboard_point(tmp_pat
     term = _cli(tmp_path / "term", "trainer.max_steps=5", signal_at(1, "SIGTERM"))
     kill = _cli(tmp_path / "kill", "trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=2",
                 signal_at(3, "SIGKILL"))
-    term_out, kill_out = term.communicate(timeout=300), kill.communicate(timeout=300)
+    fail = _cli(tmp_path / "fail", "trainer.max_steps=5", *FAILING_REWARD)
+    term_out, kill_out, fail_out = (p.communicate(timeout=300) for p in (term, kill, fail))
     assert term.returncode == 143, term_out[1][-3000:]
+    assert fail.returncode == 1, fail_out[1][-3000:]
+    (failed_run,) = (tmp_path / "fail" / "smoke" / "runs").iterdir()
+    assert json.loads((failed_run / "summary.json").read_text())["status"] == "failed"
+    log_text = (failed_run / "smoke.log").read_text()
+    assert "Traceback" in log_text and "verifier crashed on call 3" in log_text  # in the run's log file
     assert kill.returncode == -signal.SIGKILL
     (term_run,) = (tmp_path / "term" / "smoke" / "runs").iterdir()
     assert json.loads((term_run / "summary.json").read_text())["status"] == "preempted"

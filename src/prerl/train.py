@@ -85,7 +85,13 @@ def instantiate_group(cfg: DictConfig | None, where: str = "callbacks") -> list[
         return []
     items = []
     for name, node in cfg.items():
-        if not isinstance(node, DictConfig) or "_target_" not in node:
+        if isinstance(node, DictConfig) and "_target_" not in node:
+            # An experiment's settings for an entry the chosen group does not have (e.g.
+            # experiment=smoke, which tunes the checkpoint callback, with callbacks=none).
+            log.warning("%s.%s has settings %s but no _target_ in this %s group: ignored",
+                        where, name, OmegaConf.to_container(node), where)
+            continue
+        if not isinstance(node, DictConfig):
             raise ValueError(f"config entry {where}.{name} must be a mapping with a _target_")
         check_keys(node, f"{where}.{name}")
         items.append(instantiate(node))
@@ -175,6 +181,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # ModelCheckpoint warns (with a block of example code) about modules that keep pre-update
     # weights for manual optimization; this module checkpoints after its update on purpose.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+    # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, at every step: not ours to fix.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     output_dir = Path(cfg.paths.output_dir)
     if rank_zero_only.rank == 0:
         claim_run_folder(output_dir)
