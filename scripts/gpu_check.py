@@ -153,7 +153,7 @@ def run_path(path: str, args, out: Path) -> dict:
         "objective=dual", f"objective.switch_step={max(args.steps // 2, 1)}", f"trainer.max_steps={args.steps}",
         f"data.batch_size={args.prompts}", "data.train.size=400",
         f"module.rollout.group_size={args.group_size}", f"module.rollout.max_new_tokens={args.max_new_tokens}",
-        "module.update.micro_batch_size=16", "module.diagnostics_every_n_steps=0",
+        "module.update.micro_batch_size=16", "module.cross_space_diagnostics_every_n_steps=0",
         "validate_before=false", "validate_after=false", "trainer.limit_val_batches=0",
         "logger=csv", "callbacks=none", f"task_name=gpu_check_{path}",
     ]

@@ -549,9 +549,9 @@ def test_config_mapping_global_batch_is_divided_over_ranks():
 def test_config_mapping_of_model_precision_and_objective():
     q = setup_from_config(compose_config(["experiment=qlora_qwen3_4b_24gb"]))
     assert (q.preset, q.lora_r, q.double_quant, q.dtype, q.gpus, q.fsdp) == ("qlora", 16, True, "bf16", 1, False)
-    assert q.scoring == "entropy"  # diagnostics_every_n_steps: 10
-    assert setup_from_config(compose_config(["experiment=qlora_qwen3_4b_24gb", "module.diagnostics_every_n_steps=0"])).scoring is None
-    kl = setup_from_config(compose_config(["experiment=dsrl_qwen3_4b", "module.diagnostics_every_n_steps=0",
+    assert q.scoring == "entropy"  # cross_space_diagnostics_every_n_steps: 10
+    assert setup_from_config(compose_config(["experiment=qlora_qwen3_4b_24gb", "module.cross_space_diagnostics_every_n_steps=0"])).scoring is None
+    kl = setup_from_config(compose_config(["experiment=dsrl_qwen3_4b", "module.cross_space_diagnostics_every_n_steps=0",
                                            "objective.main.kl_coef=0.01"]))
     assert (kl.scoring, kl.kl_reference_copy) == ("logprobs", True)
     est = estimate_memory("qwen3-4b", kl)
@@ -583,10 +583,11 @@ def test_config_mapping_token_budget_and_chunked_logprobs():
     assert t_budget.total < t_rows.total / 2
     plain = estimate_memory(g, replace(budget, logprob_chunk_tokens=None)).phase("training")
     items = dict(plain.items)
-    # plain logits of the budget's rows: 16 B x rows x (T + 1) x V, the largest item
-    assert max(items.values()) == pytest.approx(16 * (16384 / 9216) * 8193 * 151936)
+    # plain logits of the budget's rows: 24 B x rows x (T + 1) x V (log-probs and the diagnostics'
+    # entropies), the largest item
+    assert max(items.values()) == pytest.approx(24 * (16384 / 9216) * 8193 * 151936)
     assert t_budget.total < plain.total / 2
-    chunk = estimate_memory(g, budget).phase("no-grad scoring")
+    chunk = estimate_memory(g, replace(budget, scoring="entropy")).phase("no-grad scoring")  # cross-space diagnostics
     assert dict(chunk.items)["one log-prob + entropy chunk (1024 x 151936 x 12 B)"] == 12 * 1024 * 151936
 
 

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import OmegaConf
 
 import prerl.module as module_lib
+import prerl.updates as updates_lib
 from helpers import PatternReward, make_datamodule, make_module, make_trainer
 from prerl.models import LoraSettings
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalNSR, MarginalRL
@@ -127,7 +128,7 @@ def test_phase1_step_scores_only_kept_rows_in_marginal_space(monkeypatch):
         calls.append((prefix_ids.shape, response_ids.shape[0]))
         return score_responses(policy, prefix_ids, prefix_mask, response_ids, response_mask, **kw)
 
-    monkeypatch.setattr(module_lib, "score_responses", spy)
+    monkeypatch.setattr(updates_lib, "score_responses", spy)
     schedule = DualSpaceSchedule(MarginalNSR(), ConditionalRL(), switch_step=5)
     module = make_module(schedule, reward=PatternReward((1, 0)), diagnostics_every_n_steps=0)
     _fit(module)
@@ -259,7 +260,7 @@ def test_sparse_metrics_are_not_repeated_on_steps_that_lack_them(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     schedule = DualSpaceSchedule(MarginalNSR(), ConditionalRL(), switch_step=2)
-    module = make_module(schedule, diagnostics_every_n_steps=3)
+    module = make_module(schedule, cross_space_diagnostics_every_n_steps=3)
     _fit(module, max_steps=4, logger=CSVLogger(tmp_path, name="m", version=""), log_every_n_steps=1)
     import csv
     import math
@@ -298,3 +299,16 @@ def test_kl_penalty_with_lora_uses_the_disabled_adapter_as_reference():
     assert module.ref_policy is None
     # LoRA B starts at zero: at the first update the policy equals its reference, KL is exactly 0
     assert float(trainer.callback_metrics["train/kl/conditional"]) == 0.0
+
+
+def test_update_entropies_equal_the_cross_space_pass_on_the_same_tokens():
+    """train/entropy/conditional comes from the update's own logits (no extra forward) and equals
+    the extra no-grad pass over the same responses (GRPO, every row forwarded)."""
+    module = make_module(
+        ConditionalRL(), diagnostics_every_n_steps=1, cross_space_diagnostics_every_n_steps=1,
+        update={"micro_batch_size": 3, "skip_zero_advantage": False},
+    )
+    trainer, _ = _fit(module)
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/entropy/conditional"]) > 0
+    torch.testing.assert_close(metrics["train/entropy/conditional"], metrics["train/entropy_conditional"], rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-import prerl.module as module_lib
+import prerl.updates as updates_lib
 from helpers import PatternReward, make_datamodule, make_module, make_trainer
 from prerl.micro_batches import micro_batch_indices
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalNSR
@@ -31,12 +31,12 @@ def _train(objective, steps=2, seed=0, **kwargs):
         objective, reward=PatternReward(MIXED_AND_UNIFORM), group_size=2, diagnostics_every_n_steps=0,
         optimizer=functools.partial(torch.optim.SGD, lr=0.5), max_new_tokens=10, **kwargs,
     )
-    original, module_lib.score_responses = module_lib.score_responses, spy
+    original, updates_lib.score_responses = updates_lib.score_responses, spy
     try:
         L.seed_everything(seed)
         make_trainer(steps).fit(module, datamodule=make_datamodule(module.tokenizer))
     finally:
-        module_lib.score_responses = original
+        updates_lib.score_responses = original
     return {k: v.detach().clone() for k, v in module.policy.named_parameters()}, rows
 
 

@@ -136,7 +136,7 @@ def setup_from_config(cfg: DictConfig, overhead_gib: float = 1.5) -> TrainingSet
     kl = any(v > 0 for v in _objective_values(objective, "kl_coef"))
     update = _get(cfg, "module.update")
     recompute = update.get("epochs", 1) * update.get("mini_batches", 1) > 1 or update.get("recompute_old_logprobs") == "always"
-    if (_get(cfg, "module.diagnostics_every_n_steps", 0) or 0) > 0:
+    if (_get(cfg, "module.cross_space_diagnostics_every_n_steps", 0) or 0) > 0:
         scoring = "entropy"
     else:
         scoring = "logprobs" if (kl or recompute) else None
@@ -165,7 +165,9 @@ def setup_from_config(cfg: DictConfig, overhead_gib: float = 1.5) -> TrainingSet
         padding_mask=attn == "sdpa",
         scoring=scoring,
         kl_reference_copy=kl and preset == "full",
-        entropy_bonus=any(v != 0 for v in _objective_values(objective, "entropy_coef")),
+        # the training forward computes entropies for an entropy bonus, or for the diagnostics
+        entropy_bonus=any(v != 0 for v in _objective_values(objective, "entropy_coef"))
+        or (_get(cfg, "module.diagnostics_every_n_steps", 0) or 0) > 0,
         val_batch=int(_get(cfg, "data.val_batch_size")) if validates else 0,
         val_samples=int(validation["samples_per_problem"]),
         val_response_len=int(validation["max_new_tokens"]),

@@ -448,7 +448,7 @@ class TrainingSetup:
     padding_mask: padded batches reach SDPA with a 4-D mask [model.attn_implementation sdpa];
         False for flash attention (no mask tensor).
     scoring: the no-grad scoring pass over the step's responses, if any: ``entropy`` (the periodic
-        diagnostics, both spaces, with entropies) [module.diagnostics_every_n_steps > 0],
+        diagnostics, both spaces, with entropies) [module.cross_space_diagnostics_every_n_steps > 0],
         ``logprobs`` (KL reference or recomputed old log-probs) [objective kl_coef > 0,
         module.update.epochs x mini_batches > 1], or None.
     kl_reference_copy: full fine-tuning with a KL term keeps a frozen copy of the policy.

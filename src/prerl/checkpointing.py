@@ -7,6 +7,8 @@
   corrupt ones.
 - ``capture_rng_state`` / ``restore_rng_state`` carry python, numpy and torch (CPU and CUDA)
   generators, so sampling after a resume continues exactly where it stopped.
+- ``rewind_to_previous_batch_end`` makes a checkpoint written inside a failed batch resume at
+  that batch; ``check_phases`` refuses a checkpoint whose objective has other phases.
 """
 
 from __future__ import annotations
@@ -178,3 +180,31 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rewind_to_previous_batch_end(loops: dict) -> None:
+    """Make the loop counters of a checkpoint written inside a training batch (after a failure,
+    before that batch updated anything) read as those of a checkpoint written at the end of the
+    previous batch, where Lightning's periodic checkpoints are taken: ready = started = processed,
+    completed = processed - 1, and the logging step one less. The resume then re-runs the batch
+    and logs it at its own step. (Lightning 2.6 loop-state layout.)"""
+    epoch_loop = loops["fit_loop"]
+    progress = epoch_loop["epoch_loop.batch_progress"]
+    for part in ("total", "current"):
+        done = progress[part]["processed"]
+        progress[part].update(ready=done, started=done, completed=max(done - 1, 0))
+    state = epoch_loop["epoch_loop.state_dict"]
+    state["_batches_that_stepped"] = max(state["_batches_that_stepped"] - 1, 0)
+
+
+def check_phases(state: dict, num_phases: int) -> None:
+    """A checkpoint's training state must fit this run's objective (e.g. a DSRL checkpoint resumed
+    with a one-phase objective)."""
+    saved = int(state.get("num_phases", int(state["phase"]) + 1))
+    if saved != num_phases or int(state["phase"]) >= num_phases:
+        kind = lambda n: "DSRL (objective=dual, 2 phases)" if n == 2 else f"a {n}-phase objective"  # noqa: E731
+        raise ValueError(
+            f"the checkpoint was written by {kind(saved)} (in phase {int(state['phase']) + 1}), this run's objective "
+            f"is {kind(num_phases)}: resume with the objective it was trained with, or export its weights "
+            "(python -m prerl.export) and start a new run from them with model=hf"
+        )

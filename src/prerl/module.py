@@ -1,25 +1,22 @@
 """The LightningModule: the policy, the active objective, and one RL iteration per batch.
 
 How one training step differs from supervised Lightning training:
-1. The batch holds prompts only. The policy samples G responses per prompt (no grad, KV cache)
-   and a verifier rewards them.
+1. The batch holds prompts only. The rollout engine samples G responses per prompt (no grad,
+   KV cache) and a verifier rewards them.
 2. Each loss term of the current phase computes advantages, keeps its samples, and scores only
    those, in its own space: after the prompt (P(y|x)) or after the question-free context (P(y)).
    A phase-1 NSR-PreRL step never runs a conditional forward pass.
-3. Optimisation is manual: ``epochs x mini_batches`` optimizer updates per rollout batch, each
-   accumulated over micro-batches (a row count or a token budget; rows with advantage 0 are not
-   forwarded, but their tokens count). ``trainer.global_step`` counts optimizer updates, so the
-   DSRL switch step S is a number of updates. A batch without learning signal still makes its
-   (zero-gradient) update, as in the authors' code, unless ``no_signal="skip"``.
+3. The update engine (``prerl.updates``) makes ``epochs x mini_batches`` optimizer updates per
+   rollout batch. ``trainer.global_step`` counts optimizer updates, so the DSRL switch step S is
+   a number of updates. A batch without learning signal still makes its (zero-gradient) update,
+   as in the authors' code, unless ``no_signal="skip"``.
 The step does no file I/O: samples for TensorBoard are kept in memory for a callback.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -27,130 +24,28 @@ from lightning import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torchmetrics import MeanMetric, SumMetric
 
-from prerl.checkpointing import capture_rng_state, restore_rng_state
+from prerl.checkpointing import capture_rng_state, check_phases, restore_rng_state, rewind_to_previous_batch_end
 from prerl.config_fields import from_mapping
-from prerl.fsdp import generation_model
+from prerl.engines import build_engine
 from prerl.metrics import pass_at_k, rollout_metrics, space_diagnostics
-from prerl.micro_batches import micro_batch_indices
 from prerl.models.params import disable_dropout
-from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, UpdateBatch, phases_of
-from prerl.rollout import Rollout, concat_responses, decode, eos_ids, generate
-from prerl.scoring import check_chunkable, score_responses
+from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, phases_of
+from prerl.rollout import Rollout, decode
+from prerl.scoring import check_chunkable
+from prerl.settings import RolloutConfig, UpdateConfig, ValidationConfig, require
+from prerl.updates import LossTerm, NonFiniteLossError, PolicyUpdater
 
 log = logging.getLogger(__name__)
 
-
-def rewind_to_previous_batch_end(loops: dict) -> None:
-    """Make the loop counters of a checkpoint written inside a training batch (after a failure,
-    before that batch updated anything) read as those of a checkpoint written at the end of the
-    previous batch, where Lightning's periodic checkpoints are taken: ready = started = processed,
-    completed = processed - 1, and the logging step one less. The resume then re-runs the batch
-    and logs it at its own step. (Lightning 2.6 loop-state layout.)"""
-    epoch_loop = loops["fit_loop"]
-    progress = epoch_loop["epoch_loop.batch_progress"]
-    for part in ("total", "current"):
-        done = progress[part]["processed"]
-        progress[part].update(ready=done, started=done, completed=max(done - 1, 0))
-    state = epoch_loop["epoch_loop.state_dict"]
-    state["_batches_that_stepped"] = max(state["_batches_that_stepped"] - 1, 0)
-
-
-def check_phases(state: dict, num_phases: int) -> None:
-    """A checkpoint's training state must fit this run's objective (e.g. a DSRL checkpoint resumed
-    with a one-phase objective)."""
-    saved = int(state.get("num_phases", int(state["phase"]) + 1))
-    if saved != num_phases or int(state["phase"]) >= num_phases:
-        kind = lambda n: "DSRL (objective=dual, 2 phases)" if n == 2 else f"a {n}-phase objective"  # noqa: E731
-        raise ValueError(
-            f"the checkpoint was written by {kind(saved)} (in phase {int(state['phase']) + 1}), this run's objective "
-            f"is {kind(num_phases)}: resume with the objective it was trained with, or export its weights "
-            "(python -m prerl.export) and start a new run from them with model=hf"
-        )
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive updates had a NaN or infinite loss or gradient norm."""
-
-
-class NoLearningSignalError(RuntimeError):
-    """Too many consecutive batches in which every kept response had advantage 0."""
-
-
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    """A one-line settings error naming the key, its value and what is allowed."""
-    if not ok:
-        raise ValueError(f"{key}={value!r} is not allowed: {allowed}")
-
-
-def _positive(prefix: str, settings: Any, *names: str, optional: tuple[str, ...] = ()) -> None:
-    for name in names + optional:
-        value = getattr(settings, name)
-        if value is None and name in optional:
-            continue
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{prefix}.{name}", value,
-                 "an integer >= 1" + (" or null" if name in optional else ""))
-
-
-@dataclass
-class RolloutConfig:
-    """How responses are sampled for training (docs/method.md: 8 responses at T = 1.0)."""
-
-    group_size: int = 8
-    max_new_tokens: int = 8192
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    generation_batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        _positive("module.rollout", self, "group_size", "max_new_tokens", optional=("generation_batch_size",))
-        # Training needs samples: T = 0 is greedy (G identical responses, no signal); T < 0 negates the logits.
-        _require(self.temperature > 0, "module.rollout.temperature", self.temperature,
-                 "> 0 (training samples G responses per prompt; the paper uses 1.0)")
-        _require(0 < self.top_p <= 1, "module.rollout.top_p", self.top_p, "in (0, 1]; 1.0 = off")
-        _require(isinstance(self.top_k, int) and self.top_k >= 0, "module.rollout.top_k", self.top_k, ">= 0; 0 = off")
-
-
-@dataclass
-class UpdateConfig:
-    """How a rollout batch is turned into optimizer updates (PreRL: one update per batch)."""
-
-    epochs: int = 1
-    mini_batches: int = 1
-    micro_batch_size: int = 8
-    max_tokens_per_micro_batch: int | None = None
-    logprob_chunk_tokens: int | None = 1024
-    skip_zero_advantage: bool = True
-    max_grad_norm: float = 1.0
-    recompute_old_logprobs: str = "auto"
-
-    def __post_init__(self) -> None:
-        _positive("module.update", self, "epochs", "mini_batches", "micro_batch_size",
-                  optional=("max_tokens_per_micro_batch", "logprob_chunk_tokens"))
-        _require(self.max_grad_norm > 0, "module.update.max_grad_norm", self.max_grad_norm, "> 0 (the paper: 1.0)")
-        _require(self.recompute_old_logprobs in ("auto", "always"), "module.update.recompute_old_logprobs",
-                 self.recompute_old_logprobs, "'auto' or 'always'")
-
-
-@dataclass
-class ValidationConfig:
-    """avg@k validation on the held-out split (PreRL reports Avg@32 at T = 1.0)."""
-
-    samples_per_problem: int = 4
-    max_new_tokens: int = 8192
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generation_batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        _positive("module.validation", self, "samples_per_problem", "max_new_tokens", optional=("generation_batch_size",))
-        _require(self.temperature >= 0, "module.validation.temperature", self.temperature, ">= 0; 0 = greedy")
-        _require(0 < self.top_p <= 1, "module.validation.top_p", self.top_p, "in (0, 1]; 1.0 = off")
-
+__all__ = ["NoLearningSignalError", "NonFiniteLossError", "PreRLModule"]
 
 # Advantages computed within a group of responses to the same prompt: G = 1 gives no signal.
 GROUP_ADVANTAGES = ("grpo", "mean")
 NO_SIGNAL_MODES = ("step", "skip")
+
+
+class NoLearningSignalError(RuntimeError):
+    """Too many consecutive batches in which every kept response had advantage 0."""
 
 
 class PreRLModule(LightningModule):
@@ -163,7 +58,7 @@ class PreRLModule(LightningModule):
         reward: callable ``(responses, problems) -> RewardResult``.
         optimizer: partial optimizer constructor (e.g. AdamW with lr), completed with parameters.
         rollout, update, validation: dicts of ``RolloutConfig`` / ``UpdateConfig`` /
-            ``ValidationConfig`` fields.
+            ``ValidationConfig`` fields (``prerl.settings``).
         lr_warmup_steps: linear warm-up of the learning rate, then constant (PreRL: 0).
         disable_dropout: set every dropout of the policy to 0 (TRL's ``disable_dropout``), so
             scoring is deterministic and the ratio to the sampling policy is exactly 1.
@@ -171,8 +66,11 @@ class PreRLModule(LightningModule):
             step with zero gradients (``step``: the authors' code; AdamW's momentum and weight
             decay still act and the step counts toward ``max_steps`` and the switch step S) or
             makes none (``skip``: not counted).
-        diagnostics_every_n_steps: every N updates also score all responses in both spaces
-            (entropies, log-prob gap); 0 disables. Costs two extra no-grad forwards.
+        diagnostics_every_n_steps: every N updates also log the mean entropy of the tokens the
+            update scores, per space (``train/entropy/<space>``), from the logits it computes
+            anyway; 0 disables.
+        cross_space_diagnostics_every_n_steps: every N updates score every response in both
+            spaces (two extra no-grad passes): entropies and the log-prob gap; 0 disables.
         max_consecutive_nonfinite: stop after this many skipped non-finite updates in a row.
         max_consecutive_no_signal: stop after this many batches in a row without learning
             signal: the reward never fires or the task is too hard or too easy (with
@@ -196,7 +94,8 @@ class PreRLModule(LightningModule):
         lr_warmup_steps: int = 0,
         disable_dropout: bool = True,
         no_signal: str = "step",
-        diagnostics_every_n_steps: int = 10,
+        diagnostics_every_n_steps: int = 1,
+        cross_space_diagnostics_every_n_steps: int = 0,
         max_consecutive_nonfinite: int = 3,
         max_consecutive_no_signal: int = 50,
         num_text_samples: int = 4,
@@ -212,27 +111,29 @@ class PreRLModule(LightningModule):
         self.rollout_cfg = from_mapping(RolloutConfig, rollout, "module.rollout")
         self.update_cfg = from_mapping(UpdateConfig, update, "module.update")
         self.val_cfg = from_mapping(ValidationConfig, validation, "module.validation")
-        _require(no_signal in NO_SIGNAL_MODES, "module.no_signal", no_signal, f"one of {NO_SIGNAL_MODES}")
+        require(no_signal in NO_SIGNAL_MODES, "module.no_signal", no_signal, f"one of {NO_SIGNAL_MODES}")
         for phase in self.phases:
-            for objective, _ in phase:
-                _require(
-                    self.rollout_cfg.group_size >= 2 or objective.advantage not in GROUP_ADVANTAGES,
+            for term_objective, _ in phase:
+                require(
+                    self.rollout_cfg.group_size >= 2 or term_objective.advantage not in GROUP_ADVANTAGES,
                     "module.rollout.group_size", self.rollout_cfg.group_size,
-                    f">= 2 for {objective!r}: its {objective.advantage!r} advantage compares each response "
-                    "with the others of its group (the paper: 8)",
+                    f">= 2 for {term_objective!r}: its {term_objective.advantage!r} advantage compares each "
+                    "response with the others of its group (the paper: 8)",
                 )
         self.lr_warmup_steps = lr_warmup_steps
         self.disable_dropout = bool(disable_dropout)
         self.no_signal = no_signal
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
-        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.cross_space_diagnostics_every_n_steps = cross_space_diagnostics_every_n_steps
         self.max_consecutive_no_signal = max_consecutive_no_signal
         self.num_text_samples = num_text_samples
+        self.updater = PolicyUpdater(
+            self, self.update_cfg, self.rollout_cfg.temperature, self.rollout_cfg.max_new_tokens, max_consecutive_nonfinite
+        )
+        self.engine = None
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.phase = 0
-        self.consecutive_nonfinite = 0
-        self.nonfinite_total = 0
         self.no_signal_total = 0
         self.consecutive_no_signal = 0
         self._pending_rng: dict | None = None
@@ -240,7 +141,6 @@ class PreRLModule(LightningModule):
         # it resumes at its start (same RNG, same data position) and never repeats an update.
         self._rng_at_batch_start: dict | None = None
         self._in_batch = False
-        self._updates_in_batch = 0
         self._train_keys: set[str] = set()
         self.last_samples: list[dict[str, Any]] = []
         self.val_accuracy = MeanMetric()
@@ -249,6 +149,23 @@ class PreRLModule(LightningModule):
         self.val_truncated = MeanMetric()
         self.val_timeouts = SumMetric()
         self.val_errors = SumMetric()
+
+    # The update engine's counters are training state like the module's own (STATE_KEYS).
+    @property
+    def consecutive_nonfinite(self) -> int:
+        return self.updater.consecutive_nonfinite
+
+    @consecutive_nonfinite.setter
+    def consecutive_nonfinite(self, value: int) -> None:
+        self.updater.consecutive_nonfinite = value
+
+    @property
+    def nonfinite_total(self) -> int:
+        return self.updater.nonfinite_total
+
+    @nonfinite_total.setter
+    def nonfinite_total(self, value: int) -> None:
+        self.updater.nonfinite_total = value
 
     # ---------------------------------------------------------------- model and optimizer
     def configure_model(self) -> None:
@@ -266,10 +183,18 @@ class PreRLModule(LightningModule):
             # Full fine-tuning needs a frozen copy; with LoRA the adapter is switched off instead.
             self.ref_policy = self._shard(self.model_spec.build_model().requires_grad_(False).eval())
         self.policy = self._shard(policy)
+        self.engine = build_engine(
+            self.rollout_cfg.engine, policy=lambda: self.policy, tokenizer=self.tokenizer, synced_gpus=self._is_sharded
+        )
 
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
         strategy = self._trainer.strategy if self._trainer is not None else None
         return strategy.shard_policy(model) if hasattr(strategy, "shard_policy") else model
+
+    def _is_sharded(self) -> bool:
+        # Sharded ranks must keep stepping generate() together until every rank is done.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -322,7 +247,7 @@ class PreRLModule(LightningModule):
     def resumable_mid_batch(self) -> bool:
         """True unless a training batch is under way and has already updated the weights: a
         checkpoint written now would then redo that update on resume."""
-        return not (self._in_batch and self._updates_in_batch)
+        return not (self._in_batch and self.updater.updates_in_batch)
 
     def _gather_rng_states(self) -> list[dict]:
         """Every rank's generator states, in rank order (each rank samples with its own). Inside a
@@ -378,11 +303,6 @@ class PreRLModule(LightningModule):
         return self.phases[self.phase]
 
     # ---------------------------------------------------------------- sampling and rewards
-    def _is_sharded(self) -> bool:
-        # Sharded ranks must keep stepping generate() together until every rank is done.
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
-
     def sample(
         self,
         batch: dict,
@@ -395,40 +315,19 @@ class PreRLModule(LightningModule):
     ) -> Rollout:
         """Sample, decode and reward ``num_samples`` responses per prompt of ``batch``, at most
         ``generation_batch_size`` sequences per ``generate`` call."""
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            eos = eos_ids(getattr(self.policy, "generation_config", None), self.tokenizer)
-            # Generate in chunks of prompts: the KV cache grows with sequences x length.
-            chunk = max(1, (generation_batch_size or 10**9) // num_samples)
-            pieces = []
-            with generation_model(self.policy) as model:
-                for start in range(0, batch["prompt_ids"].shape[0], chunk):
-                    pieces.append(generate(
-                        model,
-                        batch["prompt_ids"][start : start + chunk],
-                        batch["prompt_mask"][start : start + chunk],
-                        num_samples=num_samples,
-                        max_new_tokens=max_new_tokens,
-                        temperature=temperature,
-                        top_p=top_p,
-                        top_k=top_k,
-                        eos_token_ids=eos,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        synced_gpus=self._is_sharded(),
-                    ))
-        finally:
-            self.policy.train(was_training)
-        response_ids, response_mask, truncated = concat_responses(pieces, self.tokenizer.pad_token_id)
+        out = self.engine.generate(
+            batch["prompt_ids"], batch["prompt_mask"], num_samples, max_new_tokens, temperature, top_p, top_k,
+            generation_batch_size,
+        )
         rep = lambda t: t.repeat_interleave(num_samples, dim=0)  # noqa: E731
         rollout = Rollout(
             prompt_ids=rep(batch["prompt_ids"]),
             prompt_mask=rep(batch["prompt_mask"]),
             context_ids=rep(batch["context_ids"]),
-            response_ids=response_ids,
-            response_mask=response_mask,
-            truncated=truncated,
-            texts=decode(self.tokenizer, response_ids, response_mask),
+            response_ids=out.response_ids,
+            response_mask=out.response_mask,
+            truncated=out.truncated,
+            texts=decode(self.tokenizer, out.response_ids, out.response_mask),
             problems=[p for p in batch["problems"] for _ in range(num_samples)],
             group_size=num_samples,
         )
@@ -439,62 +338,22 @@ class PreRLModule(LightningModule):
         rollout.extracted = list(result.extracted)
         return rollout
 
-    # ---------------------------------------------------------------- scoring helpers
-    def _score(self, batch: UpdateBatch, with_entropy: bool = False, model=None):
-        return score_responses(
-            model if model is not None else self.policy,
-            batch.prefix_ids,
-            batch.prefix_mask,
-            batch.response_ids,
-            batch.response_mask,
-            temperature=self.rollout_cfg.temperature or 1.0,
-            with_entropy=with_entropy,
-            chunk_tokens=self.update_cfg.logprob_chunk_tokens,
-        )
+    def _loss_terms(self, rollout: Rollout, metrics: dict) -> list[LossTerm]:
+        """The active phase's loss terms: advantages, kept rows in each term's space."""
+        terms = []
+        first_row = torch.zeros_like(rollout.rewards, dtype=torch.bool)
+        first_row[0] = True
+        for objective, weight in self.phase_terms:
+            advantages = objective.advantages(rollout.rewards, rollout.group_size)
+            keep = objective.keep(advantages)
+            metrics[f"kept_frac/{objective.space}"] = keep.float().mean()
+            # A one-row batch in this space for ranks that run out of rows (zero weight).
+            placeholder = objective.select(rollout, torch.zeros_like(advantages), first_row)
+            terms.append(LossTerm(objective, weight, objective.select(rollout, advantages, keep), placeholder))
+        metrics["kept_frac"] = torch.stack([metrics[f"kept_frac/{t.objective.space}"] for t in terms]).mean()
+        return terms
 
-    def _micro_batches(self, batch: UpdateBatch) -> list[tuple[torch.Tensor, UpdateBatch]]:
-        """(row index, sub-batch) of each micro-batch: ``micro_batch_size`` rows, packed under
-        ``max_tokens_per_micro_batch`` when it is set."""
-        cfg = self.update_cfg
-        groups = micro_batch_indices(
-            batch.prefix_mask.sum(dim=1), batch.response_mask.sum(dim=1), cfg.micro_batch_size, cfg.max_tokens_per_micro_batch
-        )
-        return [(index, batch.rows(index)) for index in groups]
-
-    def _forward_index(self, objective: Objective, batch: UpdateBatch) -> torch.Tensor:
-        """(m,) the rows whose forward pass can change the update. A row with advantage 0 has a
-        zero surrogate loss and gradient (its tokens still count in the denominators, which are
-        taken over the whole batch); only a KL or entropy term gives it a gradient."""
-        if self.update_cfg.skip_zero_advantage and not objective.kl_coef and not objective.entropy_coef:
-            return (batch.advantages != 0).nonzero(as_tuple=True)[0]
-        return torch.arange(len(batch), device=batch.advantages.device)
-
-    @torch.no_grad()
-    def _score_no_grad(
-        self, batch: UpdateBatch, placeholder: UpdateBatch, model=None, with_entropy: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (M, T) [and entropies] of ``batch`` in micro-batches; every rank runs as many
-        forward passes (sharded forwards are collective), padding with discarded passes over
-        ``placeholder``."""
-        logprobs = torch.zeros_like(batch.response_mask, dtype=torch.float32)
-        entropy = torch.zeros_like(logprobs) if with_entropy else None
-        micro = self._micro_batches(batch)
-        for i in range(self._all_max(len(micro))):
-            index, part = micro[i] if i < len(micro) else (None, placeholder)
-            lp, ent = self._score(part, with_entropy, model=model)
-            if index is not None:
-                logprobs[index, : lp.shape[1]] = lp
-                if with_entropy:
-                    entropy[index, : ent.shape[1]] = ent
-        return logprobs, entropy
-
-    def _reference_logprobs(self, batch: UpdateBatch, placeholder: UpdateBatch) -> torch.Tensor:
-        if self.ref_policy is not None:
-            return self._score_no_grad(batch, placeholder, model=self.ref_policy)[0]
-        with self.policy.disable_adapter():
-            return self._score_no_grad(batch, placeholder)[0]
-
-    def _diagnostics(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+    def _cross_space_diagnostics(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Entropy in both spaces and their log-prob gap, over every response of the batch."""
         zeros = torch.zeros_like(rollout.rewards)
         keep_all = torch.ones_like(rollout.rewards, dtype=torch.bool)
@@ -503,24 +362,13 @@ class PreRLModule(LightningModule):
         scored = []
         for space in (ConditionalRL(), MarginalRL()):
             full = space.select(rollout, zeros, keep_all)
-            scored.append(self._score_no_grad(full, space.select(rollout, zeros, first_row), with_entropy=True))
+            scored.append(self.updater.score_no_grad(full, space.select(rollout, zeros, first_row), with_entropy=True))
         (lc, ec), (lm, em) = scored
         return space_diagnostics(lc, lm, ec, em, full.response_mask)
 
-    # ---------------------------------------------------------------- distributed helpers
-    def _all_sum(self, value: float) -> float:
-        tensor = torch.tensor(float(value), device=self.device)
-        return float(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
-
-    def _all_max(self, value: int) -> int:
-        tensor = torch.tensor(float(value), device=self.device)
-        return int(self.trainer.strategy.reduce(tensor, reduce_op="max"))
-
-    def _any(self, flag: bool) -> bool:
-        return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
-
-    def _all(self, flag: bool) -> bool:
-        return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=True))
+    @staticmethod
+    def _every(n: int, step: int) -> bool:
+        return bool(n) and step % n == 0
 
     # ---------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -529,7 +377,7 @@ class PreRLModule(LightningModule):
             restore_rng_state(self._pending_rng)
             self._pending_rng = None
         self._rng_at_batch_start = capture_rng_state()
-        self._in_batch, self._updates_in_batch = True, 0
+        self._in_batch, self.updater.updates_in_batch = True, 0
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         started = time.perf_counter()
@@ -544,40 +392,30 @@ class PreRLModule(LightningModule):
         metrics["phase"] = torch.tensor(float(self.phase + 1))
         self._keep_text_samples(rollout)
 
-        terms = []
-        signal = False
-        first_row = torch.zeros_like(rollout.rewards, dtype=torch.bool)
-        first_row[0] = True
-        for objective, weight in self.phase_terms:
-            advantages = objective.advantages(rollout.rewards, rollout.group_size)
-            keep = objective.keep(advantages)
-            metrics[f"kept_frac/{objective.space}"] = keep.float().mean()
-            rows = objective.select(rollout, advantages, keep)
-            # A one-row batch in this space for ranks that run out of rows (zero weight).
-            placeholder = objective.select(rollout, torch.zeros_like(advantages), first_row)
-            signal |= bool((rows.advantages != 0).any())
-            terms.append((objective, weight, rows, placeholder))
-        metrics["kept_frac"] = torch.stack([metrics[f"kept_frac/{o.space}"] for o, _ in self.phase_terms]).mean()
-
-        if self.diagnostics_every_n_steps and self.global_step % self.diagnostics_every_n_steps == 0:
-            metrics.update(self._diagnostics(rollout))
-
-        if self._any(signal):
+        terms = self._loss_terms(rollout, metrics)
+        if self._every(self.cross_space_diagnostics_every_n_steps, self.global_step):
+            metrics.update(self._cross_space_diagnostics(rollout))
+        with_entropy = self._every(self.diagnostics_every_n_steps, self.global_step)
+        signal = any(bool((t.batch.advantages != 0).any()) for t in terms)
+        if self.updater.collectives.any(signal):
             self.consecutive_no_signal = 0
-            metrics.update(self._update(terms))
+            metrics.update(self.updater.run(terms, with_entropy))
         else:
             self._count_no_signal()
             if self.no_signal == "step":  # zero gradients: AdamW's momentum and weight decay act
-                metrics.update(self._update(terms))
+                metrics.update(self.updater.run(terms, with_entropy))
+
         metrics["no_signal_batches"] = torch.tensor(float(self.no_signal_total))
         metrics["nonfinite_updates"] = torch.tensor(float(self.nonfinite_total))
         metrics["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         finished = time.perf_counter()
-        generated = float(rollout.response_mask.sum())
         metrics["time/rollout_s"] = torch.tensor(sampled - started)
         metrics["time/update_s"] = torch.tensor(finished - sampled)
-        metrics["perf/sample_tokens_per_s"] = torch.tensor(generated / max(sampled - started, 1e-9))
-        batch_size = batch["prompt_ids"].shape[0]
+        metrics["perf/sample_tokens_per_s"] = torch.tensor(float(rollout.response_mask.sum()) / max(sampled - started, 1e-9))
+        self._log_train(metrics, batch["prompt_ids"].shape[0])
+        self._in_batch = False
+
+    def _log_train(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         logged = {f"train/{k}": v for k, v in metrics.items()}
         # Lightning re-emits a key's last value on later steps of the epoch when it is not logged
         # again; metrics that exist only on some steps (diagnostics, one phase's loss terms, no
@@ -586,7 +424,6 @@ class PreRLModule(LightningModule):
         logged.update({key: torch.tensor(float("nan")) for key in self._train_keys - logged.keys()})
         self.log_dict(logged, on_step=True, batch_size=batch_size)
         self.log("train/accuracy_bar", metrics["accuracy"], prog_bar=True, logger=False, batch_size=batch_size)
-        self._in_batch = False
 
     def _count_no_signal(self) -> None:
         # Every kept response has advantage 0 (e.g. all groups all-right or all-wrong).
@@ -615,120 +452,6 @@ class PreRLModule(LightningModule):
             }
             for i in range(min(self.num_text_samples, len(rollout.texts)))
         ]
-
-    def _update(self, terms: list[tuple[Objective, float, UpdateBatch, UpdateBatch]]) -> dict[str, torch.Tensor]:
-        """Run ``epochs x mini_batches`` optimizer updates over the kept rows of each term."""
-        cfg = self.update_cfg
-        num_updates = cfg.epochs * cfg.mini_batches
-        for objective, _, batch, placeholder in terms:
-            if cfg.recompute_old_logprobs == "always" or num_updates > 1:
-                index = self._forward_index(objective, batch)
-                logprobs, _ = self._score_no_grad(batch.rows(index), placeholder)
-                batch.old_logprobs = torch.zeros_like(batch.response_mask, dtype=torch.float32)
-                batch.old_logprobs[index, : logprobs.shape[1]] = logprobs
-            if objective.kl_coef:
-                batch.ref_logprobs = self._reference_logprobs(batch, placeholder)
-        totals: dict[str, float] = {}
-        updates = 0
-        for _ in range(cfg.epochs):
-            orders = [
-                torch.randperm(len(b), device=self.device) if cfg.mini_batches > 1 else torch.arange(len(b), device=self.device)
-                for _, _, b, _ in terms
-            ]
-            for mb in range(cfg.mini_batches):
-                chunks = [
-                    (objective, weight, batch.rows(order.tensor_split(cfg.mini_batches)[mb]), placeholder)
-                    for (objective, weight, batch, placeholder), order in zip(terms, orders)
-                ]
-                step_metrics = self._optimizer_update(chunks)
-                if step_metrics is not None:
-                    updates += 1
-                    for key, value in step_metrics.items():
-                        totals[key] = totals.get(key, 0.0) + value
-        return {key: torch.tensor(value / max(updates, 1)) for key, value in totals.items()}
-
-    def _optimizer_update(self, chunks: list[tuple[Objective, float, UpdateBatch, UpdateBatch]]) -> dict[str, float] | None:
-        """Accumulate one mini-batch's loss over micro-batches, then take one optimizer step.
-
-        Returns the update's metrics (summed over ranks), or None if the update was skipped for a
-        non-finite loss or gradient norm.
-        """
-        opt = self.optimizers()
-        world = self.trainer.world_size
-        sums: dict[str, float] = {"loss": 0.0}
-        plans = []
-        for objective, weight, batch, placeholder in chunks:
-            mask = batch.response_mask
-            counts = dict(
-                num_tokens=self._all_sum(mask.sum()),
-                num_seqs=self._all_sum((mask.sum(dim=1) > 0).sum()),
-                num_signal_tokens=self._all_sum(mask[batch.advantages != 0].sum()),
-            )
-            micro = self._micro_batches(batch.rows(self._forward_index(objective, batch)))
-            plans.append([objective, weight, placeholder, micro, self._all_max(len(micro)), counts, batch.old_logprobs])
-        if not any(plan[4] for plan in plans):
-            # Nothing to forward (no learning signal, or every row skipped): one zero-weight pass
-            # still gives every trainable parameter a zero gradient, so AdamW steps (momentum,
-            # weight decay) as in the authors' code.
-            plans[0][4] = 1
-        for objective, weight, placeholder, micro, passes, counts, old_logprobs in plans:
-            for i in range(passes):
-                # A rank with fewer rows runs a zero-weight pass so collectives stay aligned.
-                part, scale = (micro[i][1], weight * world) if i < len(micro) else (placeholder, 0.0)
-                logprobs, entropy = self._score(part, with_entropy=bool(objective.entropy_coef))
-                if old_logprobs is None:  # one update per rollout: on-policy, ratio exactly 1
-                    part.old_logprobs = logprobs.detach()
-                loss, term_metrics = objective.loss(
-                    logprobs, part, counts["num_tokens"], counts["num_seqs"], self.rollout_cfg.max_new_tokens,
-                    entropy, counts["num_signal_tokens"],
-                )
-                # DDP averages gradients over ranks while the counts above are global: scale by world.
-                loss = loss * scale
-                if not self._all(bool(torch.isfinite(loss))):
-                    return self._skip_nonfinite(opt, "loss")
-                self.manual_backward(loss)
-                sums["loss"] += float(loss.detach()) / world
-                for key, value in term_metrics.items():
-                    name = f"{key}/{objective.space}"
-                    sums[name] = sums.get(name, 0.0) + float(value) * (scale != 0)
-        grad_norm = self._clip_gradients(self.update_cfg.max_grad_norm)
-        if not math.isfinite(grad_norm):
-            return self._skip_nonfinite(opt, "gradient norm")
-        opt.step()
-        self._updates_in_batch += 1
-        opt.zero_grad(set_to_none=True)
-        self.lr_schedulers().step()
-        self.consecutive_nonfinite = 0
-        keys = sorted(sums)
-        totals = self.trainer.strategy.reduce(torch.tensor([sums[k] for k in keys], device=self.device), reduce_op="sum")
-        metrics = dict(zip(keys, totals.tolist()))
-        metrics["grad_norm"] = grad_norm
-        return metrics
-
-    def _clip_gradients(self, max_norm: float) -> float:
-        if hasattr(self.policy, "clip_grad_norm_"):  # FSDP1 computes the norm across shards
-            return float(self.policy.clip_grad_norm_(max_norm))
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        if not params:
-            return 0.0
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-    def _skip_nonfinite(self, opt, what: str) -> None:
-        opt.zero_grad(set_to_none=True)
-        self.consecutive_nonfinite += 1
-        self.nonfinite_total += 1
-        log.warning(
-            "step %d: non-finite %s, update skipped (%d in a row, %d in total)",
-            self.global_step, what, self.consecutive_nonfinite, self.nonfinite_total,
-        )
-        if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
-            raise NonFiniteLossError(
-                f"{self.consecutive_nonfinite} consecutive updates had a non-finite {what} "
-                f"(limit max_consecutive_nonfinite={self.max_consecutive_nonfinite}); training stopped "
-                f"at step {self.global_step}. No weights were changed by the skipped updates; the last "
-                f"checkpoint is intact."
-            )
-        return None
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
