@@ -184,7 +184,8 @@ class PreRLModule(LightningModule):
             self.ref_policy = self._shard(self.model_spec.build_model().requires_grad_(False).eval())
         self.policy = self._shard(policy)
         self.engine = build_engine(
-            self.rollout_cfg.engine, policy=lambda: self.policy, tokenizer=self.tokenizer, synced_gpus=self._is_sharded
+            self.rollout_cfg.engine, policy=lambda: self.policy, tokenizer=self.tokenizer, synced_gpus=self._is_sharded,
+            **dict(self.rollout_cfg.engine_options),
         )
 
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -405,6 +406,8 @@ class PreRLModule(LightningModule):
             if self.no_signal == "step":  # zero gradients: AdamW's momentum and weight decay act
                 metrics.update(self.updater.run(terms, with_entropy))
 
+        if self.updater.updates_in_batch:
+            self.engine.sync_weights(self.policy)  # the next rollout samples from the updated policy
         metrics["no_signal_batches"] = torch.tensor(float(self.no_signal_total))
         metrics["nonfinite_updates"] = torch.tensor(float(self.nonfinite_total))
         metrics["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])

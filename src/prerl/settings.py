@@ -4,7 +4,7 @@ its value and what is allowed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -37,6 +37,7 @@ class RolloutConfig:
     top_k: int = 0
     generation_batch_size: int | None = None
     engine: str = "hf"
+    engine_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _positive("module.rollout", self, "group_size", "max_new_tokens", optional=("generation_batch_size",))
