@@ -67,6 +67,24 @@ def space_diagnostics(
     }
 
 
+def engine_mismatch(
+    behaviour_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """How far the rollout engine's log-probs are from the training policy's on the same tokens.
+
+    Args:
+        behaviour_logprobs, engine_logprobs: (N, T); mask: (N, T) response tokens.
+    Returns:
+        ``mean_abs_log_ratio`` (token mean of |log pi_train - log pi_engine|) and ``max_ratio``
+        (the largest pi_train / pi_engine).
+    """
+    log_ratio = (behaviour_logprobs - engine_logprobs).masked_fill(mask == 0, 0.0)
+    return {
+        "mean_abs_log_ratio": masked_mean(log_ratio.abs(), mask),
+        "max_ratio": torch.exp(log_ratio.masked_fill(mask == 0, float("-inf")).max()) if mask.any() else torch.tensor(1.0),
+    }
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), in product form.
 

@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric, SumMetric
 from prerl.checkpointing import capture_rng_state, check_phases, restore_rng_state, rewind_to_previous_batch_end
 from prerl.config_fields import from_mapping
 from prerl.engines import build_engine
-from prerl.metrics import pass_at_k, rollout_metrics, space_diagnostics
+from prerl.metrics import engine_mismatch, pass_at_k, rollout_metrics, space_diagnostics
 from prerl.models.params import disable_dropout
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, phases_of
 from prerl.rollout import Rollout, decode
@@ -337,7 +337,20 @@ class PreRLModule(LightningModule):
         rollout.reward_timeouts = int(result.timeouts)
         rollout.reward_errors = int(getattr(result, "errors", 0))
         rollout.extracted = list(result.extracted)
+        rollout.engine_logprobs = out.logprobs
         return rollout
+
+    def _behaviour_logprobs(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Another engine sampled the responses: score them with the training policy after the
+        prompt (the old log-probs are always the training model's) and measure the mismatch."""
+        zeros = torch.zeros_like(rollout.rewards)
+        first_row = torch.zeros_like(rollout.rewards, dtype=torch.bool)
+        first_row[0] = True
+        space = ConditionalRL()
+        full = space.select(rollout, zeros, torch.ones_like(first_row))
+        rollout.behaviour_logprobs, _ = self.updater.score_no_grad(full, space.select(rollout, zeros, first_row))
+        mismatch = engine_mismatch(rollout.behaviour_logprobs, rollout.engine_logprobs, rollout.response_mask)
+        return {f"rollout_mismatch/{k}": v for k, v in mismatch.items()}
 
     def _loss_terms(self, rollout: Rollout, metrics: dict) -> list[LossTerm]:
         """The active phase's loss terms: advantages, kept rows in each term's space."""
@@ -392,6 +405,8 @@ class PreRLModule(LightningModule):
         metrics["reward_errors"] = torch.tensor(float(rollout.reward_errors))
         metrics["phase"] = torch.tensor(float(self.phase + 1))
         self._keep_text_samples(rollout)
+        if rollout.engine_logprobs is not None:
+            metrics.update(self._behaviour_logprobs(rollout))
 
         terms = self._loss_terms(rollout, metrics)
         if self._every(self.cross_space_diagnostics_every_n_steps, self.global_step):

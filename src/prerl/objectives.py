@@ -36,6 +36,12 @@ class UpdateBatch:
         advantages: (M,).
         old_logprobs: (M, T) of the sampling policy in the same space, or None until computed.
         ref_logprobs: (M, T) of the KL reference, or None.
+        engine_logprobs: (M, T) of the sampled tokens as the rollout engine computed them, or None
+            (an engine other than the policy itself, e.g. vLLM).
+        behaviour_logprobs: (M, T) of the sampled tokens under the training policy, after the
+            prompt (the space they were sampled in), when ``engine_logprobs`` is set.
+        token_weights: (M, T) importance weights of each token's loss (truncated importance
+            sampling for an engine's off-policy samples), or None.
     """
 
     prefix_ids: torch.Tensor
@@ -45,6 +51,9 @@ class UpdateBatch:
     advantages: torch.Tensor
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    engine_logprobs: torch.Tensor | None = None
+    behaviour_logprobs: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -64,6 +73,9 @@ class UpdateBatch:
             advantages=self.advantages[index],
             old_logprobs=pick(self.old_logprobs),
             ref_logprobs=pick(self.ref_logprobs),
+            engine_logprobs=pick(self.engine_logprobs),
+            behaviour_logprobs=pick(self.behaviour_logprobs),
+            token_weights=pick(self.token_weights),
         )
 
 
@@ -146,6 +158,8 @@ class Objective:
             response_ids=rollout.response_ids,
             response_mask=rollout.response_mask,
             advantages=advantages,
+            engine_logprobs=rollout.engine_logprobs,
+            behaviour_logprobs=rollout.behaviour_logprobs,
         )
         return full.rows(keep.nonzero(as_tuple=True)[0])
 
@@ -179,6 +193,8 @@ class Objective:
         per_token, clipped = clipped_surrogate(
             logprobs, batch.old_logprobs, batch.advantages, self.clip_low, self.clip_high, self.dual_clip
         )
+        if batch.token_weights is not None:  # importance weights of an engine's off-policy tokens
+            per_token = per_token * batch.token_weights
         agg = dict(mode=self.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
         pg_loss = aggregate(per_token, mask, **agg)
         loss = pg_loss

@@ -29,6 +29,9 @@ class Rollout:
         rewards: (N,) float, filled in by the reward step.
         reward_timeouts: how many rewards timed out (each counted as reward 0).
         reward_errors: how many rewards raised and were scored 0 (``reward.on_error=zero``).
+        engine_logprobs: (N, T) the rollout engine's own log-probs of the sampled tokens, or None.
+        behaviour_logprobs: (N, T) the training policy's log-probs of them after the prompt,
+            computed when ``engine_logprobs`` is set.
     """
 
     prompt_ids: torch.Tensor
@@ -43,6 +46,8 @@ class Rollout:
     rewards: torch.Tensor | None = None
     reward_timeouts: int = 0
     reward_errors: int = 0
+    engine_logprobs: torch.Tensor | None = None
+    behaviour_logprobs: torch.Tensor | None = None
     extracted: list[str | None] = field(default_factory=list)
 
     @property

@@ -23,9 +23,6 @@ def _positive(prefix: str, settings: Any, *names: str, optional: tuple[str, ...]
                 "an integer >= 1" + (" or null" if name in optional else ""))
 
 
-ENGINE_NAMES = ("hf", "vllm")
-
-
 @dataclass
 class RolloutConfig:
     """How responses are sampled for training (docs/method.md: 8 responses at T = 1.0)."""
@@ -46,7 +43,9 @@ class RolloutConfig:
                 "> 0 (training samples G responses per prompt; the paper uses 1.0)")
         require(0 < self.top_p <= 1, "module.rollout.top_p", self.top_p, "in (0, 1]; 1.0 = off")
         require(isinstance(self.top_k, int) and self.top_k >= 0, "module.rollout.top_k", self.top_k, ">= 0; 0 = off")
-        require(self.engine in ENGINE_NAMES, "module.rollout.engine", self.engine, f"one of {ENGINE_NAMES}")
+        from prerl.engines import ENGINES
+
+        require(self.engine in ENGINES.names(), "module.rollout.engine", self.engine, f"one of {ENGINES.names()}")
 
 
 @dataclass
@@ -61,6 +60,8 @@ class UpdateConfig:
     skip_zero_advantage: bool = True
     max_grad_norm: float = 1.0
     recompute_old_logprobs: str = "auto"
+    rollout_correction: str | None = None
+    rollout_correction_cap: float = 2.0
 
     def __post_init__(self) -> None:
         _positive("module.update", self, "epochs", "mini_batches", "micro_batch_size",
@@ -68,6 +69,10 @@ class UpdateConfig:
         require(self.max_grad_norm > 0, "module.update.max_grad_norm", self.max_grad_norm, "> 0 (the paper: 1.0)")
         require(self.recompute_old_logprobs in ("auto", "always"), "module.update.recompute_old_logprobs",
                 self.recompute_old_logprobs, "'auto' or 'always'")
+        require(self.rollout_correction in (None, "tis"), "module.update.rollout_correction", self.rollout_correction,
+                "null or tis (truncated importance sampling)")
+        require(self.rollout_correction_cap >= 1, "module.update.rollout_correction_cap", self.rollout_correction_cap,
+                ">= 1")
 
 
 @dataclass

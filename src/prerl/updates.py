@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prerl.algorithms import truncated_is_weights
 from prerl.micro_batches import micro_batch_indices
 from prerl.objectives import Objective, UpdateBatch
 from prerl.scoring import score_responses
@@ -157,7 +158,14 @@ class PolicyUpdater:
         cfg = self.cfg
         num_updates = cfg.epochs * cfg.mini_batches
         for term in terms:
-            if cfg.recompute_old_logprobs == "always" or num_updates > 1:
+            batch = term.batch
+            if batch.behaviour_logprobs is not None and cfg.rollout_correction == "tis":
+                batch.token_weights = truncated_is_weights(
+                    batch.behaviour_logprobs, batch.engine_logprobs, cfg.rollout_correction_cap
+                )
+            if batch.behaviour_logprobs is not None and term.objective.space == "conditional":
+                batch.old_logprobs = batch.behaviour_logprobs  # already recomputed by the training model
+            elif cfg.recompute_old_logprobs == "always" or num_updates > 1:
                 index = self.forward_index(term.objective, term.batch)
                 logprobs, _ = self.score_no_grad(term.batch.rows(index), term.placeholder)
                 term.batch.old_logprobs = torch.zeros_like(term.batch.response_mask, dtype=torch.float32)

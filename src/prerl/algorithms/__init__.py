@@ -3,7 +3,14 @@
 from prerl.algorithms.advantages import ADVANTAGES, is_correct
 from prerl.algorithms.filters import FILTERS
 from prerl.algorithms.logprobs import chunked_token_logprobs, entropy_from_logits, token_logprobs
-from prerl.algorithms.losses import AGG_MODES, aggregate, clipped_surrogate, kl_penalty, masked_mean
+from prerl.algorithms.losses import (
+    AGG_MODES,
+    aggregate,
+    clipped_surrogate,
+    kl_penalty,
+    masked_mean,
+    truncated_is_weights,
+)
 
 __all__ = [
     "ADVANTAGES",
@@ -17,4 +24,5 @@ __all__ = [
     "kl_penalty",
     "masked_mean",
     "token_logprobs",
+    "truncated_is_weights",
 ]

@@ -106,6 +106,24 @@ def aggregate(
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGG_MODES}")
 
 
+def truncated_is_weights(
+    behaviour_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, cap: float = 2.0
+) -> torch.Tensor:
+    """Truncated importance-sampling weights min(pi_train / pi_engine, cap) of tokens sampled by
+    another engine (e.g. vLLM) than the policy being trained (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"; verl's TIS).
+
+    Args:
+        behaviour_logprobs: (N, T) log-probs of the sampled tokens under the training policy.
+        engine_logprobs: (N, T) their log-probs under the engine that sampled them.
+        cap: the truncation C >= 1.
+    Returns:
+        (N, T) weights in (0, cap], no gradient.
+    """
+    log_ratio = (behaviour_logprobs - engine_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return torch.exp(log_ratio).clamp(max=cap).detach()
+
+
 def kl_penalty(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3"
 ) -> torch.Tensor:
