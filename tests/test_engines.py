@@ -103,3 +103,49 @@ def test_truncated_importance_sampling_weights_an_off_policy_engine():
         torch.testing.assert_close(off[key], plain[key], atol=1e-6, rtol=1e-5)  # correction off: unchanged
         torch.testing.assert_close(corrected[key], plain[key] * math.exp(-OFFSET), atol=1e-6, rtol=1e-4)
     assert any(v.abs().sum() > 0 for v in plain.values())
+
+
+def _greedy(engine, ids, mask, num_samples=2, chunk=None):
+    out = engine.generate(ids, mask, num_samples, 8, 0.0, 1.0, 0, chunk)
+    return out.response_ids * out.response_mask, out.response_mask, out.truncated
+
+
+def _prompts(tok):
+    texts = ["hi", "a much longer prompt than the others", "mid length one", "x"]
+    enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, enc))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+    return ids, mask
+
+
+def test_length_bucketing_and_chunks_keep_the_batch_order_and_the_outputs(tiny_tokenizer):
+    """Each prompt, alone and unpadded, gives the same greedy response as inside a bucketed,
+    chunked batch, in the batch's row order."""
+    from helpers import tiny_spec
+
+    policy = tiny_spec().build_model()
+    engine = build_engine("hf", policy=lambda: policy, tokenizer=tiny_tokenizer)
+    ids, mask = _prompts(tiny_tokenizer)
+    batch_ids, batch_mask, _ = _greedy(engine, ids, mask, chunk=4)  # 2 prompts x 2 per call
+    for p in range(len(ids)):
+        alone = ids[p : p + 1, -int(mask[p].sum()):]
+        one_ids, one_mask, _ = _greedy(engine, alone, torch.ones_like(alone))
+        T = one_ids.shape[1]
+        assert torch.equal(batch_ids[2 * p : 2 * p + 2, :T], one_ids), p
+        assert torch.equal(batch_mask[2 * p : 2 * p + 2].sum(1), one_mask.sum(1))
+
+
+@pytest.mark.slow
+def test_static_cache_and_compiled_decoding_give_the_same_greedy_responses(tiny_tokenizer):
+    from helpers import tiny_spec
+
+    policy = tiny_spec().build_model()
+    ids, mask = _prompts(tiny_tokenizer)
+    results = [
+        _greedy(build_engine("hf", policy=lambda: policy, tokenizer=tiny_tokenizer, **options), ids, mask)
+        for options in ({}, {"static_cache": True}, {"compile": True})
+    ]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b[:, : a.shape[1]] if a.dim() == 2 else b)

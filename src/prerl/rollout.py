@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation import CompileConfig
 
 
 @dataclass
@@ -97,6 +98,8 @@ def generate(
     pad_token_id: int,
     top_k: int = 0,
     synced_gpus: bool = False,
+    static_cache: bool = False,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample ``num_samples`` responses per prompt with the KV cache.
 
@@ -108,9 +111,16 @@ def generate(
         top_k: 0 disables top-k (the model's own generation config is ignored on purpose, so
             the sampling distribution is exactly softmax(logits / temperature) up to top_p).
         synced_gpus: keep sharded ranks stepping together until all are done (FSDP).
+        static_cache: a preallocated KV cache of prompt + max_new_tokens positions instead of one
+            that grows by concatenation (fixed shapes).
+        compile: ``torch.compile`` the decoding step (needs ``static_cache``; on any device).
     Returns:
         response_ids (B*G, T), response_mask (B*G, T), truncated (B*G,) bool.
     """
+    compile_config = None
+    if compile:
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers compiles on CUDA-like devices only otherwise
     config = GenerationConfig(
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
@@ -120,6 +130,9 @@ def generate(
         eos_token_id=eos_token_ids,
         pad_token_id=pad_token_id,
         use_cache=True,
+        cache_implementation="static" if static_cache or compile else None,
+        compile_config=compile_config,
+        disable_compile=not compile,
     )
     input_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
     attention_mask = prompt_mask.repeat_interleave(num_samples, dim=0)

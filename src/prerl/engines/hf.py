@@ -19,13 +19,27 @@ class HFEngine:
         policy: a callable returning the current policy (it may be re-wrapped, e.g. by FSDP).
         tokenizer: gives the pad id and, with the model's generation config, the end ids.
         synced_gpus: keep sharded ranks stepping together until all are done (FSDP).
-    The policy is the model being trained, so ``sync_weights`` has nothing to do.
+        static_cache: a preallocated KV cache (fixed shapes) instead of one grown by concatenation.
+        compile: ``torch.compile`` the decoding step (implies ``static_cache``; the first call of
+            each shape compiles, which takes a while, so it pays off over many steps).
+    Prompts are bucketed by length before they are chunked, so a chunk's padding is as short as
+    the batch allows; rows come back in the batch's order. The policy is the model being trained,
+    so ``sync_weights`` has nothing to do.
     """
 
-    def __init__(self, policy: Callable[[], torch.nn.Module], tokenizer, synced_gpus: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        policy: Callable[[], torch.nn.Module],
+        tokenizer,
+        synced_gpus: Callable[[], bool] = lambda: False,
+        static_cache: bool = False,
+        compile: bool = False,
+    ):
         self._policy = policy
         self.tokenizer = tokenizer
         self._synced_gpus = synced_gpus
+        self.static_cache = bool(static_cache)
+        self.compile = bool(compile)
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         return None
@@ -44,6 +58,8 @@ class HFEngine:
         policy = self._policy()
         was_training = policy.training
         policy.eval()
+        # Longest prompts first; each chunk is trimmed to its own longest prompt (left padding).
+        order = torch.sort(prompt_mask.sum(dim=1), descending=True, stable=True).indices
         try:
             eos = eos_ids(getattr(policy, "generation_config", None), self.tokenizer)
             # Generate in chunks of prompts: the KV cache grows with sequences x length.
@@ -51,10 +67,12 @@ class HFEngine:
             pieces = []
             with generation_model(policy) as model:
                 for start in range(0, prompt_ids.shape[0], chunk):
+                    rows = order[start : start + chunk]
+                    width = int(prompt_mask[rows].sum(dim=1).max())
                     pieces.append(generate(
                         model,
-                        prompt_ids[start : start + chunk],
-                        prompt_mask[start : start + chunk],
+                        prompt_ids[rows, -width:],
+                        prompt_mask[rows, -width:],
                         num_samples=num_samples,
                         max_new_tokens=max_new_tokens,
                         temperature=temperature,
@@ -63,7 +81,15 @@ class HFEngine:
                         eos_token_ids=eos,
                         pad_token_id=self.tokenizer.pad_token_id,
                         synced_gpus=self._synced_gpus(),
+                        static_cache=self.static_cache,
+                        compile=self.compile,
                     ))
         finally:
             policy.train(was_training)
-        return Generation(*concat_responses(pieces, self.tokenizer.pad_token_id))
+        ids, mask, truncated = concat_responses(pieces, self.tokenizer.pad_token_id)
+        # Back to the batch's order: row r of prompt p is at sorted position of p, times G, plus r.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        back = (inverse.repeat_interleave(num_samples) * num_samples
+                + torch.arange(num_samples, device=order.device).repeat(len(order)))
+        return Generation(ids[back], mask[back], truncated[back])
