@@ -75,7 +75,8 @@ class PreRLModule(LightningModule):
         max_consecutive_no_signal: stop after this many batches in a row without learning
             signal: the reward never fires or the task is too hard or too easy (with
             ``no_signal="skip"`` a task the policy never solves would otherwise loop forever).
-        num_text_samples: responses kept from each rollout for the text-sample logger.
+        num_text_samples: responses kept from each rollout for the text-sample logger (the whole
+            latest rollout is ``last_rollout``, for analysis callbacks).
     """
 
     # Training state saved in checkpoints besides weights and optimizer (the DSRL phase, counters).
@@ -143,6 +144,7 @@ class PreRLModule(LightningModule):
         self._in_batch = False
         self._train_keys: set[str] = set()
         self.last_samples: list[dict[str, Any]] = []
+        self.last_rollout: Rollout | None = None  # the latest training rollout, for analysis callbacks
         self.val_accuracy = MeanMetric()
         self.val_pass = MeanMetric()
         self.val_length = MeanMetric()
@@ -459,6 +461,7 @@ class PreRLModule(LightningModule):
             )
 
     def _keep_text_samples(self, rollout: Rollout) -> None:
+        self.last_rollout = rollout
         self.last_samples = [
             {
                 "id": rollout.problems[i].get("id"),
