@@ -65,7 +65,8 @@ def make_module(
         optimizer=optimizer or functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
         rollout={"group_size": group_size, "max_new_tokens": max_new_tokens, **kwargs.pop("rollout", {})},
         update=kwargs.pop("update", {"micro_batch_size": 4}),
-        validation={"samples_per_problem": 2, "max_new_tokens": max_new_tokens},
+        validation={"samples_per_problem": 2, "max_new_tokens": max_new_tokens,
+                    "entropy": kwargs.pop("validation_entropy", False)},
         **kwargs,
     )
     return module

@@ -151,6 +151,8 @@ class PreRLModule(LightningModule):
         self.val_truncated = MeanMetric()
         self.val_timeouts = SumMetric()
         self.val_errors = SumMetric()
+        self.val_rare = MeanMetric()
+        self.val_entropy = MeanMetric()
 
     # The update engine's counters are training state like the module's own (STATE_KEYS).
     @property
@@ -212,8 +214,11 @@ class PreRLModule(LightningModule):
         # Only fitting needs the switch (validation/test runs would just re-register it).
         if isinstance(self.objective, DualSpaceSchedule) and self.trainer.state.fn == "fit":
             from prerl.callbacks.phase_switch import PhaseSwitch
+            from prerl.switch_rules import SwitchRule
 
-            return [PhaseSwitch(self.objective.switch_step, self.objective.reset_optimizer)]
+            adaptive = self.objective.adaptive_switch
+            rule = SwitchRule(**adaptive) if adaptive else None
+            return [PhaseSwitch(self.objective.switch_step, self.objective.reset_optimizer, rule)]
         return []
 
     # ---------------------------------------------------------------- state in checkpoints
@@ -382,6 +387,16 @@ class PreRLModule(LightningModule):
         (lc, ec), (lm, em) = scored
         return space_diagnostics(lc, lm, ec, em, full.response_mask)
 
+    def _response_entropy(self, rollout: Rollout) -> torch.Tensor:
+        """(N, T) entropy of the policy at each sampled token, after the prompt (0 on padding)."""
+        zeros = torch.zeros_like(rollout.rewards)
+        first_row = torch.zeros_like(rollout.rewards, dtype=torch.bool)
+        first_row[0] = True
+        space = ConditionalRL()
+        full = space.select(rollout, zeros, torch.ones_like(first_row))
+        _, entropy = self.updater.score_no_grad(full, space.select(rollout, zeros, first_row), with_entropy=True)
+        return entropy * full.response_mask
+
     @staticmethod
     def _every(n: int, step: int) -> bool:
         return bool(n) and step % n == 0
@@ -484,13 +499,21 @@ class PreRLModule(LightningModule):
         self.val_accuracy.update(correct.float().mean(dim=1), weight=torch.ones(n))
         passed = torch.tensor([pass_at_k(k, int(c), k) for c in correct.sum(dim=1)])
         self.val_pass.update(passed)
+        # Problems solved by exactly one of the k samples: the rare solutions NSR may prune.
+        self.val_rare.update((correct.sum(dim=1) == 1).float())
         self.val_length.update(rollout.response_mask.sum(dim=1).float())
         self.val_truncated.update(rollout.truncated.float())
         self.val_timeouts.update(torch.tensor(float(rollout.reward_timeouts)))
         self.val_errors.update(torch.tensor(float(rollout.reward_errors)))
         kwargs = dict(on_step=False, on_epoch=True, batch_size=n)
+        if cfg.entropy:
+            tokens = rollout.response_mask.sum()
+            entropy = self._response_entropy(rollout)
+            self.val_entropy.update(entropy.sum() / tokens.clamp(min=1), weight=tokens)
+            self.log("val/entropy", self.val_entropy, **kwargs)
         self.log(f"val/avg@{k}", self.val_accuracy, prog_bar=True, **kwargs)
         self.log(f"val/pass@{k}", self.val_pass, **kwargs)
+        self.log("val/rare_solutions", self.val_rare, **kwargs)
         self.log("val/response_len_mean", self.val_length, **kwargs)
         self.log("val/truncated_frac", self.val_truncated, **kwargs)
         self.log("val/reward_timeouts", self.val_timeouts, reduce_fx="sum", **kwargs)

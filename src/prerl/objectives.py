@@ -271,6 +271,9 @@ class DualSpaceSchedule:
         switch_step: number of phase-1 updates S (paper: 20; the released code runs 19).
         warmup_conditional_coef: weight of ``main`` added to phase 1 (0 in the paper's code).
         reset_optimizer: clear the optimizer state at the switch (the paper resets nothing).
+        adaptive_switch: None (the paper's fixed step), or the fields of a
+            ``prerl.switch_rules.SwitchRule`` (rule, metric, value, ...): switch earlier when it
+            fires; ``switch_step`` is then the latest switch.
     """
 
     def __init__(
@@ -280,9 +283,15 @@ class DualSpaceSchedule:
         switch_step: int = 20,
         warmup_conditional_coef: float = 0.0,
         reset_optimizer: bool = False,
+        adaptive_switch: dict | None = None,
     ):
         if switch_step < 0:
             raise ValueError(f"switch_step must be >= 0, got {switch_step}")
+        self.adaptive_switch = dict(adaptive_switch) if adaptive_switch else None
+        if self.adaptive_switch:
+            from prerl.switch_rules import SwitchRule
+
+            SwitchRule(**self.adaptive_switch)  # a bad rule fails when the config is built
         self.warmup = warmup
         self.main = main
         self.switch_step = int(switch_step)

@@ -84,6 +84,7 @@ class ValidationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     generation_batch_size: int | None = None
+    entropy: bool = False
 
     def __post_init__(self) -> None:
         _positive("module.validation", self, "samples_per_problem", "max_new_tokens", optional=("generation_batch_size",))
