@@ -205,6 +205,28 @@ def behaviour_counts(text: str) -> dict[str, int]:
     return counts
 
 
+def total_counts(texts: list[str]) -> dict[str, int]:
+    """``behaviour_counts`` summed over responses (keys ``COUNT_KEYS``): additive, so shards of
+    a batch (e.g. data-parallel ranks) can be summed before ``summary_from_totals``."""
+    totals = dict.fromkeys(COUNT_KEYS, 0)
+    for text in texts:
+        for key, value in behaviour_counts(text).items():
+            totals[key] += value
+    return totals
+
+
+def summary_from_totals(totals: dict[str, float], responses: int) -> dict[str, float]:
+    """``summarize_behaviours`` from summed counts of ``responses`` responses."""
+    n = int(responses)
+    summary: dict[str, float] = {"responses": float(n)}
+    for key in COUNT_KEYS:
+        summary[key] = float(totals[key]) / n if n else 0.0
+    thoughts = float(totals["thoughts"])
+    for key in THOUGHT_KINDS + BEHAVIOUR_KEYS:
+        summary[f"{key}_frac"] = float(totals[key]) / thoughts if thoughts else 0.0
+    return summary
+
+
 def summarize_behaviours(texts: list[str]) -> dict[str, float]:
     """Aggregate ``behaviour_counts`` over responses.
 
@@ -216,14 +238,4 @@ def summarize_behaviours(texts: list[str]) -> dict[str, float]:
         thoughts weigh more; the SEAL fractions sum to 1 when there is any thought).
     With no responses, or no thoughts, the means / fractions are 0.0 (never NaN).
     """
-    totals = dict.fromkeys(COUNT_KEYS, 0)
-    for text in texts:
-        for key, value in behaviour_counts(text).items():
-            totals[key] += value
-    n = len(texts)
-    summary: dict[str, float] = {"responses": float(n)}
-    for key in COUNT_KEYS:
-        summary[key] = totals[key] / n if n else 0.0
-    for key in THOUGHT_KINDS + BEHAVIOUR_KEYS:
-        summary[f"{key}_frac"] = totals[key] / totals["thoughts"] if totals["thoughts"] else 0.0
-    return summary
+    return summary_from_totals(total_counts(texts), len(texts))
