@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,72 @@ def test_synced_lora_weights_are_merged_under_hf_names():
     assert not torch.equal(base_only["model.layers.0.self_attn.q_proj.weight"], state["model.layers.0.self_attn.q_proj.weight"])
 
 
+def _fsdp_worker(out: str) -> None:
+    """Run by torchrun on 2 CPU processes (test below): each rank gathers the FSDP1-sharded policy
+    (one unit per block, activation checkpointing, as prerl.fsdp wraps it) with ``hf_state_dict``
+    and compares it with the unsharded policy's; plain and LoRA (merged)."""
+    import functools
+    import json
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    result = {}
+    for name, kwargs in (("plain", {}), ("lora", {"lora": LoraSettings(r=4, alpha=8)})):
+        def build():
+            policy = TinyModelSpec(**SPEC, **kwargs).build_model()
+            with torch.no_grad():
+                for n, p in policy.named_parameters():
+                    if "lora_B" in n:
+                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+            return policy
+
+        reference = hf_state_dict(build())
+        sharded = FSDP(build(), auto_wrap_policy=functools.partial(transformer_auto_wrap_policy,
+                                                                   transformer_layer_cls={LlamaDecoderLayer}),
+                       device_id=torch.device("cpu"), use_orig_params=True)
+        apply_activation_checkpointing(sharded, checkpoint_wrapper_fn=functools.partial(
+            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+        gathered = hf_state_dict(sharded)
+        result[name] = {
+            "same_keys": sorted(gathered) == sorted(reference),
+            "max_diff": max(float((gathered[k].float() - reference[k].float()).abs().max()) for k in reference),
+        }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp1_shards_are_gathered_on_every_rank(tmp_path):
+    """Under FSDP1 each rank gathers the full HF state dict for its own colocated engine."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         __file__, "--fsdp-worker", str(tmp_path)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name in ("plain", "lora"):
+            assert result[name]["same_keys"], (rank, name)
+            assert result[name]["max_diff"] < 1e-6, (rank, name, result[name])
+
+
 # --------------------------------------------------------------------------- with vLLM
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -204,6 +271,17 @@ def test_building_vllm_leaves_the_process_alone(engines):
     assert torch.equal(before[0], after[0]) and before[1] == after[1] and (before[2] == after[2]).all()
     assert before[3] == after[3] and after[4] is before[4]
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+@needs_vllm
+def test_an_unsupported_cpu_head_dim_fails_at_build(tokenizer):
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("CPU backend only")
+    policy = TinyModelSpec().build_model()  # head_dim 16
+    with pytest.raises(ValueError, match="head_dim=16"):
+        build_engine("vllm", policy=lambda: policy, tokenizer=tokenizer, **OPTIONS)
 
 
 @needs_vllm
@@ -379,3 +457,10 @@ def test_training_steps_with_the_vllm_engine():
     trainer.fit(module, datamodule=make_datamodule(module.tokenizer))
     assert module.engine.syncs == 3  # before the first rollout, then after each of the 2 updates
     module.engine.close()
+
+
+if __name__ == "__main__":  # torchrun worker of test_fsdp1_shards_are_gathered_on_every_rank
+    import sys
+
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src")]
+    _fsdp_worker(sys.argv[sys.argv.index("--fsdp-worker") + 1])

@@ -312,6 +312,24 @@ def _reload_weights(worker, items) -> int:
     return len(items)
 
 
+def _check_cpu_head_dim(config) -> None:
+    """vLLM's CPU attention supports only some head sizes; fail at build time, not at the first
+    rollout ("Unsupported CPU attention configuration: head_dim=16")."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+    except Exception:  # pragma: no cover - another vLLM layout: let vLLM decide
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim not in supported:
+        raise ValueError(
+            f"vLLM's CPU attention does not support head_dim={head_dim} (supported: {supported}); the tiny test "
+            "model's default has 16: use e.g. model.hidden_size=128 model.num_heads=2 model.num_kv_heads=1, or "
+            "module.rollout.engine=hf"
+        )
+
+
 # --------------------------------------------------------------------------- engine
 class VLLMEngine:
     """Sample with vLLM from the policy's weights, in the training process. See the module docstring.
@@ -355,6 +373,9 @@ class VLLMEngine:
         if self.lora_mode == "request" and not self.is_lora:
             raise ValueError("module.rollout.engine_options.lora=request needs a LoRA policy (model.lora)")
         from prerl.models.export import _default_export_dtype
+
+        if self.on_cpu:
+            _check_cpu_head_dim(unwrap_policy(policy_now).config)
 
         # default: the dtype the policy computes in (a 4-bit base: its compute dtype)
         dtype = options.pop("dtype", None) or str(_default_export_dtype(unwrap_policy(policy_now))).removeprefix("torch.")
