@@ -170,6 +170,47 @@ def test_synced_lora_weights_are_merged_under_hf_names():
     assert not torch.equal(base_only["model.layers.0.self_attn.q_proj.weight"], state["model.layers.0.self_attn.q_proj.weight"])
 
 
+class _FakeLLM:
+    """Records the calls the engine makes on ``vllm.LLM``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def collective_rpc(self, fn, args=()):
+        self.calls.append(("reload", len(args[0])))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_mode_wakes_the_weights_for_the_sync_and_the_kv_cache_for_the_rollout(level):
+    """The sleep / wake sequence around an update (GPU only in practice; checked here on a fake)."""
+    from prerl.engines.vllm import VLLMEngine
+
+    policy = TinyModelSpec(**SPEC).build_model()
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine.llm, engine.sleep_mode, engine.sleep_level, engine.lora_mode = _FakeLLM(), True, level, "merged"
+    engine._asleep, engine._needs_sync, engine.syncs = None, False, 0
+    engine.sleep()  # after a rollout: the update runs with the engine's memory free
+    assert engine.llm.calls == [("sleep", level)] and engine._needs_sync == (level == 2)
+    engine.sync_weights(policy)  # after the update: weights wake, KV cache still asleep
+    n = len(policy.state_dict())
+    assert engine.llm.calls[1:] == [("wake_up", ["weights"]), ("reload", n)] and not engine._needs_sync
+    engine._wake(None)  # the next rollout: the KV cache wakes, its stale prefix entries go
+    assert engine.llm.calls[3:] == [("wake_up", ["kv_cache"]), ("reset_prefix_cache",)] and engine._asleep is None
+    engine.sleep_mode = False
+    engine.sleep()  # without sleep mode (CPU): nothing
+    engine.sync_weights(policy)
+    assert engine.llm.calls[5:] == [("reload", n), ("reset_prefix_cache",)]
+
+
 def _fsdp_worker(out: str) -> None:
     """Run by torchrun on 2 CPU processes (test below): each rank gathers the FSDP1-sharded policy
     (one unit per block, activation checkpointing, as prerl.fsdp wraps it) with ``hf_state_dict``

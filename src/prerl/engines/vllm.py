@@ -102,6 +102,8 @@ class VLLMUnavailableError(ImportError):
 def import_vllm():
     """``vllm`` itself, in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), or a clear error."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM logs dozens of INFO lines per start-up into the training log; VLLM_LOGGING_LEVEL=INFO restores them.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
         raise RuntimeError(
             "module.rollout.engine=vllm runs vLLM inside the training process: unset "
@@ -120,6 +122,11 @@ def import_vllm():
     except Exception as err:  # e.g. RuntimeError: operator torchvision::nms does not exist
         hint = BROKEN_TORCHVISION_HINT if "torchvision" in repr(err) or "torchaudio" in repr(err) else INSTALL_HINT
         raise VLLMUnavailableError(f"vllm is installed but fails to import: {err!r}. {hint}") from err
+    # Prompts are token ids (skip_tokenizer_init): vLLM's chat-template warm-up has no tokenizer and
+    # logs a traceback at every start-up; it is irrelevant here.
+    logging.getLogger("vllm.renderers.base").addFilter(
+        lambda record: "Chat template warmup failed" not in str(record.msg)
+        and "Tokenizer not available" not in record.getMessage())
     return vllm
 
 
@@ -454,6 +461,7 @@ class VLLMEngine:
         else:
             self.llm.wake_up(tags=["kv_cache"] if self._asleep == "kv" else None)
             self._asleep = None
+            self.llm.reset_prefix_cache()  # the KV blocks' contents were discarded
 
     def sleep(self) -> None:
         """Free the engine's device memory until the next sync / rollout (sleep mode only)."""
@@ -475,7 +483,8 @@ class VLLMEngine:
             self._save_adapter(policy)
         else:
             self._load(hf_state_dict(policy, merge_lora=True))
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        if self._asleep is None:  # (asleep: reset when the KV cache wakes)
+            self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         self._needs_sync = False
         self.syncs += 1
         self.last_sync_seconds = time.perf_counter() - started
