@@ -95,3 +95,60 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def pass_at_k_ks(n: int) -> list[int]:
+    """The k of a pass@k curve from n samples: 1, 2, 4, ... up to n, and n itself."""
+    if n < 1:
+        raise ValueError(f"need n >= 1 samples, got {n}")
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return ks if ks[-1] == n else ks + [n]
+
+
+def pass_at_k_matrix(n, correct_counts, ks) -> torch.Tensor:
+    """Unbiased pass@k of every problem at every k, vectorised: (P, K) float64.
+
+    The product form of :func:`pass_at_k`, ``1 - prod_{i=n-c+1}^{n} (1 - k / i)`` (1 where
+    ``n - c < k``, exactly 0 where c = 0), over all problems at once, one k at a time.
+
+    Args:
+        n: samples per problem, an int or one per problem (P,).
+        correct_counts: correct samples per problem c, (P,).
+        ks: the k values (K,); each must satisfy 1 <= k <= n of every problem.
+    """
+    c = torch.as_tensor(correct_counts, dtype=torch.float64).reshape(-1, 1)
+    n_t = torch.as_tensor(n, dtype=torch.float64).reshape(-1, 1).expand_as(c)
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise ValueError("need at least one k")
+    if bool((c < 0).any() or (c > n_t).any() or (c != c.round()).any() or (n_t != n_t.round()).any()):
+        raise ValueError(f"need integers 0 <= c <= n, got n={n}, correct_counts={correct_counts}")
+    n_min = int(n_t.min()) if n_t.numel() else 0
+    if any(k < 1 or k > n_min for k in ks):
+        raise ValueError(f"need 1 <= k <= n for every problem, got ks={ks}, n={n}")
+    n_max = int(n_t.max()) if n_t.numel() else 0
+    i = torch.arange(1, n_max + 1, dtype=torch.float64).reshape(1, -1)  # (1, n_max)
+    in_product = (i > n_t - c) & (i <= n_t)  # (P, n_max): i = n-c+1 .. n
+    out = torch.empty(c.shape[0], len(ks), dtype=torch.float64)
+    for j, k in enumerate(ks):
+        terms = torch.where(in_product, 1.0 - k / i, torch.ones_like(i))
+        passed = 1.0 - terms.prod(dim=1)
+        out[:, j] = torch.where((n_t - c).reshape(-1) < k, torch.ones_like(passed), passed)
+    return out
+
+
+def pass_at_k_curve(n, correct_counts, ks=None) -> dict[int, float]:
+    """Mean unbiased pass@k over problems for each k (default :func:`pass_at_k_ks` of n).
+
+    ``pass_at_k_curve(4, [1, 0, 4])`` -> ``{1: 0.4167, 2: 0.5, 4: 0.6667}``; pass@1 is the mean
+    accuracy c / n (avg@n).
+    """
+    counts = torch.as_tensor(correct_counts, dtype=torch.float64).reshape(-1)
+    if counts.numel() == 0:
+        raise ValueError("pass_at_k_curve needs at least one problem")
+    if ks is None:
+        n_min = int(torch.as_tensor(n).min())
+        ks = pass_at_k_ks(n_min)
+    ks = [int(k) for k in ks]
+    means = pass_at_k_matrix(n, counts, ks).mean(dim=0)
+    return {k: float(v) for k, v in zip(ks, means)}
