@@ -1,8 +1,13 @@
-"""Evaluate a policy's avg@k / pass@k on the held-out split.
+"""Evaluate a policy: avg@k and unbiased pass@k on one or several eval sets (docs/evaluation.md).
 
-    python src/eval.py                                  # the base model
-    python src/eval.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
-    python src/eval.py model=qwen3_4b data=aime trainer=gpu module.validation.samples_per_problem=32
+    python src/eval.py                                  # the base model on data's validation split
+    python src/eval.py ckpt_path=logs/dsrl_smollm2_cpu/runs/<run>      # a checkpoint (file, run folder, last)
+    python src/eval.py eval_sets=[svamp,gym_arithmetic] limit=20 samples=4
+    python src/eval.py eval_file=/abs/path/problems.jsonl question_template="{Body} {Question}"
+    python src/eval.py model=qwen3_4b trainer=gpu eval_sets=[math500,aime] samples=32 max_new_tokens=8192
+    python src/eval.py <same overrides> resume_from=logs/eval/runs/<run>  # continue an interrupted evaluation
+
+Exit codes: 0 completed, 130 interrupted (Ctrl-C; resumable), 1 failed.
 """
 
 import os
@@ -17,12 +22,15 @@ sys.path.insert(0, os.getcwd())  # user plug-ins (rewards, data sources) in the 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from prerl.evaluate import evaluate  # noqa: E402
+from prerl.evaluate import evaluate  # noqa: E402  (also registers the resolver of hydra.run.dir)
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except KeyboardInterrupt:
+        sys.exit(130)  # summary.json (status interrupted) and the resume command are already written
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def test_eval_entry_scores_a_training_checkpoint(tmp_path):
         cfg.paths.output_dir = str(tmp_path / "eval")
     result = evaluate(cfg)
     assert 0.0 <= result["metrics"]["val/avg@2"] <= 1.0
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["ckpt_path"].endswith("last.ckpt")
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["ckpt_path"].endswith("last.ckpt")
     with open_dict(cfg):
         cfg.ckpt_path = str(tmp_path / "missing.ckpt")
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
