@@ -281,7 +281,16 @@ def policy_folder(policy: torch.nn.Module) -> str | None:
 
     base = unwrap_policy(policy)
     for path in (getattr(base.config, "_name_or_path", ""), getattr(base, "name_or_path", "")):
-        if path and Path(path).is_dir() and (Path(path) / "config.json").is_file() and any(Path(path).glob("*.safetensors")):
+        if not path:
+            continue
+        if not Path(path).is_dir():  # a hub id: its snapshot in the local Hugging Face cache, if any
+            try:
+                from huggingface_hub import snapshot_download
+
+                path = snapshot_download(path, local_files_only=True)
+            except Exception:
+                continue
+        if (Path(path) / "config.json").is_file() and any(Path(path).glob("*.safetensors")):
             return str(Path(path).resolve())
     return None
 
@@ -414,7 +423,9 @@ class VLLMEngine:
         if self.lora_mode == "request":
             peft_cfg = unwrap_policy(policy_now, strip_peft=False).peft_config
             rank = max(int(c.r) for c in peft_cfg.values())
-            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=int(options.pop("max_lora_rank", max(8, rank))))
+            allowed = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
+            kwargs.update(enable_lora=True, max_loras=1,
+                          max_lora_rank=int(options.pop("max_lora_rank", next((a for a in allowed if a >= rank), rank))))
         passthrough = ("max_model_len", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
                        "tensor_parallel_size", "distributed_executor_backend")
         for key in passthrough:
