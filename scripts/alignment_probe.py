@@ -119,7 +119,8 @@ def sample_pairs(cfg, policy, tokenizer, num_prompts: int, samples: int, seed: i
 
 
 def write_plots(stats: dict, out: Path) -> list[Path]:
-    """hist_cosine.png, hist_inner.png, gap_by_entropy.png (entropy quantile bins, fixed bins, positions)."""
+    """hist_cosine.png, hist_inner.png, gap_by_entropy.png (the gap by entropy quantile bin over all tokens and
+    over the late ones, by fixed entropy bin, by position)."""
     import math
 
     import matplotlib
@@ -145,20 +146,22 @@ def write_plots(stats: dict, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    panels = [("gap_by_entropy", "conditional entropy (quantile bins, nats)"),
-              ("gap_by_entropy_fixed", "conditional entropy (fixed bins, nats)"),
-              ("gap_by_position", "token position in the response")]
-    panels = [(k, t) for k, t in panels if stats.get(k)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        table = [r for r in stats[key] if r["count"]]
+    split = stats.get("gap_by_entropy_split") or {}
+    panels = [(stats.get("gap_by_entropy"), "conditional entropy (quantile bins, nats), all tokens"),
+              (split.get("late"), f"the same bins, tokens at positions >= {split.get('early_tokens')}"),
+              (stats.get("gap_by_entropy_fixed"), "conditional entropy (fixed bins, nats), all tokens"),
+              (stats.get("gap_by_position"), "token position in the response")]
+    panels = [(t, title) for t, title in panels if t]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, (rows_of_bins, title) in zip(axes[0], panels):
+        table = [r for r in rows_of_bins if r["count"]]
         hi = lambda r: "inf" if math.isinf(r["hi"]) else f"{r['hi']:.3g}"  # noqa: E731
         labels = [f"{r['lo']:.3g}-{hi(r)}\nn={r['count']}" for r in table]
         ax.bar(range(len(table)), [r["mean_gap"] for r in table], color="tab:orange", label="mean gap")
         ax.plot(range(len(table)), [r["mean_abs_gap"] for r in table], "o-", color="tab:gray", label="mean |gap|")
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xticks(range(len(table)), labels, fontsize=7)
-        ax.set_xlabel(title)
+        ax.set_xlabel(title, fontsize=8)
         ax.set_ylabel("log P(y_t|x,y<t) - log P(y_t|c,y<t)")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -231,9 +234,16 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"{len(pairs)} pairs, {stats['params']['numel']:,} parameters ({stats['params']['spec']}): "
           f"inner > 0 for {100 * s['frac_positive']:.1f}% (mean {s['inner_mean']:.4g}, median {s['inner_median']:.4g}), "
           f"cosine mean {s['cosine_mean']:.3f} median {s['cosine_median']:.3f}; {stats['seconds']:.1f} s")
-    for row in stats["gap_by_entropy"]:
-        print(f"  entropy {row['lo']:.3f}-{row['hi']:.3f}: {row['count']:5d} tokens, mean gap {row['mean_gap']:+.3f}, "
-              f"mean |gap| {row['mean_abs_gap']:.3f}")
+    late = (stats.get("gap_by_entropy_split") or {}).get("late") or [None] * len(stats["gap_by_entropy"])
+    first = (stats.get("gap_by_entropy_split") or {}).get("early_tokens")
+    for row, tail in zip(stats["gap_by_entropy"], late):
+        line = (f"  entropy {row['lo']:.3f}-{row['hi']:.3f}: {row['count']:5d} tokens, mean gap {row['mean_gap']:+.3f}, "
+                f"mean |gap| {row['mean_abs_gap']:.3f}")
+        if tail is not None and tail["count"]:
+            line += f"; positions >= {first}: {tail['count']:5d} tokens, mean gap {tail['mean_gap']:+.3f}"
+        print(line)
+    for row in stats["gap_by_position"]:
+        print(f"  position {row['lo']:.0f}-{row['hi']:.0f}: {row['count']:5d} tokens, mean gap {row['mean_gap']:+.3f}")
     print(f"wrote {out / 'alignment.json'} and {', '.join(p.name for p in plots)}")
     return out
 

@@ -68,13 +68,19 @@ def test_matches_manual_two_backward_computation():
         assert row["inner"] == pytest.approx(inner, rel=1e-4)
         assert row["cosine"] == pytest.approx(inner / float(gm.double().norm() * gc.double().norm()), rel=1e-4)
         assert row["norm_conditional"] == pytest.approx(float(gc.norm()), rel=1e-4)
-        assert row["logprob_marginal"] == pytest.approx(float(lm), abs=1e-4)
+        assert row["logprob_marginal"] == pytest.approx(float(lm.detach()), abs=1e-4)
         assert row["length"] == int(pairs.response_mask[i].sum())
     s = stats["summary"]
     assert s["n"] == 3 and s["frac_negative"] == pytest.approx(sum(r["inner"] < 0 for r in stats["per_sample"]) / 3)
     assert stats["params"]["numel"] == sum(p.numel() for p in params)
     assert sum(r["count"] for r in stats["gap_by_entropy"]) == int(pairs.response_mask.sum()) == stats["num_tokens"]
+    split = stats["gap_by_entropy_split"]
+    assert [a["count"] + b["count"] for a, b in zip(split["early"], split["late"])] == [
+        r["count"] for r in stats["gap_by_entropy"]]
     assert stats["by_reward"]["correct"]["n"] == 2 and stats["by_reward"]["wrong"]["n"] == 1
+    chunked = alignment_stats(model, pairs, params="trainable", chunk_tokens=3)  # the training's chunked LM head
+    for a, b in zip(chunked["per_sample"], stats["per_sample"]):
+        assert a["inner"] == pytest.approx(b["inner"], rel=1e-4) and a["cosine"] == pytest.approx(b["cosine"], abs=1e-5)
 
 
 def test_sign_flip_and_self_cosine():
@@ -143,6 +149,8 @@ def test_token_gap_tables():
     assert fixed[2]["mean_abs_gap"] == pytest.approx(1.5)
     quant = token_gap_by_entropy(lc, lm, ent, mask, bins=2)
     assert sum(r["count"] for r in quant) == 5 and quant[0]["kind"] == "quantile"
+    late = token_gap_by_entropy(lc, lm, ent, mask, bins=[0.0, 0.1, 1.0, 10.0], positions=(1, None))
+    assert [r["count"] for r in late] == [0, 1, 2]  # the first token of each response left out
     pos = token_gap_by_position(lc, lm, mask, edges=[0, 1, 2, math.inf])
     assert [r["count"] for r in pos] == [2, 2, 1]
     assert pos[0]["mean_gap"] == pytest.approx(0.5)

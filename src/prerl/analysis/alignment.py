@@ -18,16 +18,19 @@ confident tokens and differ on early and high-entropy ones).
 
 How the per-sample gradients are computed: one forward and one ``torch.autograd.grad`` per sample
 and space, batch size 1, no padding. Chosen by measurement against ``torch.func``
-(``functional_call`` + ``vmap(grad)``) on the tiny model and SmolLM2-135M (2-core CPU,
-2026-12-02; numbers in docs/analysis.md): on the tiny model vmap was no faster than the loop, and
-on SmolLM2 it held one gradient per sample of the vmapped chunk per space (~1.1 GB per sample for
-the full 135M parameters) and was not faster either, while the loop's peak is fixed. The loop also
-runs any model the training code runs (peft, chunked LM head, SDPA), since it is the training
-code's own forward. ``torch.autograd.grad`` returns the gradients instead of accumulating them, so
-no ``.grad`` is ever written, and it is the same arithmetic as the manual two-backward computation
-of the tests.
+(``functional_call`` + ``vmap(grad)`` over chunks of samples; 2-core shared CPU, one thread,
+2026-12-01; docs/analysis.md has the table). On the tiny model the two were within the machine's
+noise (0.011-0.041 s per pair for the loop, 0.009-0.019 s for vmap). On SmolLM2-135M (all 135M
+parameters) the loop took 2.6-3.1 s per pair at +1.3 GB, vmap 3.1 s at +3.0 GB (2 pairs per
+chunk) and 4.0 s at +6.0 GB (4 pairs): vmap holds two full gradients per pair of its chunk and
+gains nothing on a CPU whose matmuls are already large. vmap also cannot run the model as the
+training code calls it: Hugging Face's mask construction branches on tensor values (vmap refuses
+it), so it needs a hand-built 4-D additive mask and a separate forward of its own. The loop runs
+the training code's own scoring (``score_responses``: peft, the chunked LM head, SDPA).
+``torch.autograd.grad`` returns the gradients instead of accumulating them, so no ``.grad`` is
+ever written.
 
-Memory: at most two gradients of the chosen subset are alive at once, g_c while g_m is computed
+Memory: at most two gradients of the chosen subset are alive at once, g_m while g_c is computed
 (both kept as the per-parameter tuples autograd returns, which take exactly the memory of one
 flattened vector each: nothing is concatenated), plus the activations of one sample's forward.
 Bound it for large models with a parameter subset (``select_parameters``): the LoRA adapters,
@@ -320,6 +323,7 @@ def alignment_stats(
     position_edges: Sequence[float] = DEFAULT_POSITION_EDGES,
     per_sample: bool = True,
     device: torch.device | str | None = None,
+    early_tokens: int = 8,
 ) -> dict[str, Any]:
     """Gradient alignment of log P(y) and log P(y|x) and the per-token gap, over ``pairs``.
 
@@ -336,10 +340,12 @@ def alignment_stats(
         position_edges: token-position bins.
         per_sample: include the per-sample values in the result.
         device: where the rows go (default: the policy's first parameter's device).
+        early_tokens: ``gap_by_entropy_split`` applies the quantile bins of all tokens to the
+            first ``early_tokens`` tokens of each response and to the rest separately.
     Returns:
-        ``{"summary", "by_reward", "gap_by_entropy", "gap_by_entropy_fixed", "gap_by_position",
-        "params", "num_tokens", "seconds", "per_sample"}``; see ``summarize_alignment`` and
-        ``token_gap_by_entropy``. ``inner`` is <g_m, g_c>.
+        ``{"summary", "by_reward", "gap_by_entropy", "gap_by_entropy_split", "gap_by_entropy_fixed",
+        "gap_by_position", "token_gap", "params", "num_tokens", "seconds", "per_sample"}``; see
+        ``summarize_alignment`` and ``token_gap_by_entropy``. ``inner`` is <g_m, g_c>.
     """
     started = time.perf_counter()
     named = select_parameters(policy, params)
@@ -385,12 +391,22 @@ def alignment_stats(
     mask = _pad_rows([torch.ones_like(x) for x in lc_all])
     inner = [r["inner"] for r in rows]
     cosine = [r["cosine"] for r in rows]
+    by_entropy = token_gap_by_entropy(lc, lm, ent, mask, bins=entropy_bins)
+    edges = [by_entropy[0]["lo"]] + [r["hi"] for r in by_entropy] if by_entropy else []
+    split = None
+    if len(edges) >= 2 and all(b > a for a, b in zip(edges, edges[1:])):
+        split = {
+            "early_tokens": int(early_tokens),
+            "early": token_gap_by_entropy(lc, lm, ent, mask, bins=edges, positions=(0, early_tokens)),
+            "late": token_gap_by_entropy(lc, lm, ent, mask, bins=edges, positions=(early_tokens, None)),
+        }
     out: dict[str, Any] = {
         "summary": summarize_alignment(
             inner, cosine, [r["norm_marginal"] for r in rows], [r["norm_conditional"] for r in rows]
         ),
         "by_reward": _by_reward(rows),
-        "gap_by_entropy": token_gap_by_entropy(lc, lm, ent, mask, bins=entropy_bins),
+        "gap_by_entropy": by_entropy,
+        "gap_by_entropy_split": split,
         "gap_by_entropy_fixed": (
             None if entropy_edges is None else token_gap_by_entropy(lc, lm, ent, mask, bins=list(entropy_edges))
         ),
@@ -497,6 +513,7 @@ def token_gap_by_entropy(
     cond_entropy: torch.Tensor,
     mask: torch.Tensor,
     bins: int | Sequence[float] = 5,
+    positions: tuple[int, int | None] | None = None,
 ) -> list[dict]:
     """The per-token gap log P(y_t | x, y_<t) - log P(y_t | c, y_<t) by conditional-entropy bin.
 
@@ -504,12 +521,18 @@ def token_gap_by_entropy(
         cond_logprobs, marg_logprobs, cond_entropy, mask: (N, T); only tokens with mask 1 count.
         bins: an int q: q quantile bins of the entropy over the masked tokens (edges that
             coincide, e.g. many ~0-entropy tokens, are merged); or a list of edges (fixed bins).
+        positions: only the tokens at response positions [lo, hi) (hi None: to the end), e.g. to
+            separate the entropy effect from the early-token effect.
     Returns:
         one dict per bin: ``lo``, ``hi`` (entropy, nats), ``count``, ``mean_gap``,
         ``mean_abs_gap``, ``median_gap``, ``mean_entropy``, ``kind`` (quantile | fixed). Positive
         gap: the question makes the token more likely.
     """
     m = mask.bool()
+    if positions is not None:
+        index = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+        lo, hi = positions
+        m = m & (index >= lo) & (index < hi if hi is not None else True)
     gap = (cond_logprobs.float() - marg_logprobs.float())[m]
     ent = cond_entropy.float()[m]
     if isinstance(bins, int):

@@ -46,6 +46,8 @@ def scalar_metrics(stats: dict[str, Any], prefix: str = "alignment") -> dict[str
         out[f"{prefix}/token_{k}"] = v
     for row in stats["gap_by_entropy"]:
         out[f"{prefix}/gap_by_entropy_q{row['bin']}"] = row["mean_gap"]
+    for row in (stats.get("gap_by_entropy_split") or {}).get("late", []):
+        out[f"{prefix}/gap_late_by_entropy_q{row['bin']}"] = row["mean_gap"]
     for row in stats["gap_by_position"]:
         hi = "inf" if math.isinf(row["hi"]) else f"{int(row['hi'])}"
         out[f"{prefix}/gap_by_position_{int(row['lo'])}-{hi}"] = row["mean_gap"]
