@@ -49,7 +49,7 @@ def _has_missing(node) -> bool:
 
 
 def test_expected_options_exist():
-    assert set(OBJECTIVES) == {"grpo", "nsr", "psr", "w_reinforce", "prerl", "nsr_prerl", "psr_prerl", "dual", "dual_short"}
+    assert set(OBJECTIVES) == {"grpo", "nsr", "psr", "w_reinforce", "prerl", "nsr_prerl", "psr_prerl", "dual", "dual_short", "nsr_warmup_grpo"}
     assert {"default", "cpu", "gpu", "ddp_sim"} <= set(options("trainer"))
     assert "smoke" in options("experiment")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shlex
 import signal
 import time
 import warnings
@@ -147,7 +148,7 @@ def _resume_hint(out: Path) -> str:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume_from=")]
-        return "python src/eval.py " + " ".join(overrides + [f"resume_from={out}"])
+        return "python src/eval.py " + " ".join(shlex.quote(o) for o in overrides + [f"resume_from={out}"])
     except Exception:  # noqa: BLE001 - not under Hydra
         return f"the same command with resume_from={out}"
 
@@ -236,8 +237,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if pending:
             loader = DataLoader(pending, batch_size=None, shuffle=False)
             trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
-    except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into SystemExit(1)
-        status, error = "interrupted", f"{type(err).__name__}: {err}"
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
+        status, error = "interrupted", "interrupted (Ctrl-C / SIGINT)"
     except BaseException as err:
         status, error = "failed", f"{type(err).__name__}: {err}"
         log.error("evaluation failed", exc_info=True)
