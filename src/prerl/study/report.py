@@ -1,0 +1,485 @@
+"""docs/reproduction.md from a study's results: tables, the paper's claims with a verdict each,
+and the plots. Every number here is computed from ``<results_dir>``; nothing is typed in.
+
+Uncertainty: per-problem accuracies are averaged over an arm's seeds, then a percentile
+bootstrap over problems gives the interval (paired for differences between arms: the same
+problems resampled for both); the spread over seeds is shown where an arm has several.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prerl.study.results import RunResult
+from prerl.study.spec import Run, Study
+from prerl.study.stats import (
+    align_problems,
+    bootstrap_ci,
+    moving_average,
+    paired_bootstrap_ci,
+    per_problem_accuracy,
+    steps_to_threshold,
+    verdict,
+)
+
+ACCURACY = "train/accuracy"
+LENGTH = "train/response_len_mean"
+PHASE = "train/phase"
+
+
+@dataclass
+class ArmView:
+    """An arm's finished runs seen together."""
+
+    name: str
+    role: str
+    runs: list[RunResult]
+
+    def per_problem(self, eval_set: str, value: str = "accuracy") -> tuple[list[str], np.ndarray]:
+        """(ids, (problems,)) the arm's per-problem accuracy (or mean length), averaged over seeds."""
+        rows = []
+        for r in self.runs:
+            if value == "accuracy":
+                v = per_problem_accuracy(r.correct_matrix(eval_set))
+            elif value == "length":
+                v = np.array([np.mean(p["lengths"]) for p in r.problems[eval_set]])
+            else:  # a behaviour count: mean per response
+                v = np.array([np.mean([b.get(value, 0) for b in p["behaviours"]]) if p["behaviours"] else 0.0
+                              for p in r.problems[eval_set]])
+            rows.append((r.problem_ids(eval_set), v))
+        ids, matrix = align_problems(rows)
+        return ids, matrix.mean(axis=0)
+
+    def seed_values(self, key: str) -> list[float]:
+        """An evaluation metric (``<set>/<metric>``) of every seed."""
+        out = []
+        for r in self.runs:
+            name, _, metric = key.partition("/")
+            value = r.eval_summary["datasets"].get(name, {}).get("metrics", {}).get(metric)
+            if value is not None:
+                out.append(float(value))
+        return out
+
+
+def _shown(path: Path, root: Path) -> Path:
+    """A path relative to the project when it is inside it."""
+    return path.relative_to(root) if path.is_relative_to(root) else path
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+    return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def _paired(a: ArmView, b: ArmView, eval_set: str, value: str, n_boot: int) -> tuple[float, float, float, int]:
+    ids_a, va = a.per_problem(eval_set, value)
+    ids_b, vb = b.per_problem(eval_set, value)
+    _, both = align_problems([(ids_a, va), (ids_b, vb)])
+    return (*paired_bootstrap_ci(both[0], both[1], n_boot), both.shape[1])
+
+
+class Report:
+    """Builds the markdown and the figures of one study."""
+
+    def __init__(self, study: Study, results: dict[str, RunResult], planned: list[Run], alignment: dict | None):
+        self.study, self.results, self.planned, self.alignment = study, results, planned, alignment
+        cfg = study.report
+        self.n_boot = int(cfg.get("bootstrap", 2000))
+        self.window = int(cfg.get("window", 8))
+        self.thresholds = [float(t) for t in cfg.get("thresholds", [])]
+        self.ood_sets = list(cfg.get("ood_sets", []))
+        self.primary = study.primary_set
+        self.base = results.get("base")
+        self.arms: dict[str, ArmView] = {}
+        for name, arm in study.arms.items():
+            runs = sorted((r for r in results.values() if r.arm == name), key=lambda r: r.seed)
+            if runs:
+                self.arms[name] = ArmView(name, arm.role, runs)
+        self.samples = None
+        if self.base is not None:
+            self.samples = int(self.base.eval_summary["sampling"]["samples"])
+
+    # ------------------------------------------------------------------ helpers
+    def _role(self, role: str) -> list[ArmView]:
+        return [a for a in self.arms.values() if a.role == role]
+
+    def _arm(self, name: str) -> ArmView | None:
+        return self.arms.get(name)
+
+    def _best_dsrl(self) -> ArmView | None:
+        arms = self._role("dsrl")
+        if not arms:
+            return None
+        return max(arms, key=lambda a: float(np.mean(a.seed_values(self.study.select_by) or [-1.0])))
+
+    def _base_view(self) -> ArmView | None:
+        return ArmView("base", "base", [self.base]) if self.base else None
+
+    def _steps(self, arm: ArmView, threshold: float) -> list[int | None]:
+        return [steps_to_threshold(*r.curve(ACCURACY), threshold, self.window) for r in arm.runs]
+
+    # ------------------------------------------------------------------ sections
+    def accuracy_table(self) -> list[str]:
+        n = self.samples
+        sets = [self.primary] + [s for s in self.ood_sets]
+        head = ["arm", "seeds", f"{self.primary} avg@{n} [95% CI]", "seed sd"]
+        head += [f"{self.primary} pass@{k}" for k in self._ks()]
+        head += [f"{s} avg@{n}" for s in sets[1:]] + ["mean length", "truncated"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        views = ([self._base_view()] if self.base else []) + list(self.arms.values())
+        for view in views:
+            ids, acc = view.per_problem(self.primary)
+            mean, lo, hi = bootstrap_ci(acc, self.n_boot)
+            seeds = view.seed_values(f"{self.primary}/avg@{n}")
+            sd = _fmt(float(np.std(seeds, ddof=1))) if len(seeds) > 1 else "-"
+            row = [view.name, ",".join(str(r.seed) for r in view.runs) if view.name != "base" else "-",
+                   f"{mean:.3f} [{lo:.3f}, {hi:.3f}]", sd]
+            row += [_fmt(float(np.mean(view.seed_values(f"{self.primary}/pass@{k}") or [np.nan]))) for k in self._ks()]
+            for s in sets[1:]:
+                values = view.seed_values(f"{s}/avg@{n}")
+                row.append(_fmt(float(np.mean(values))) if values else "n/a")
+            lengths = [float(np.mean([np.mean(p["lengths"]) for p in r.problems[self.primary]])) for r in view.runs]
+            trunc = [float(np.mean([np.mean(p["truncated"]) for p in r.problems[self.primary]])) for r in view.runs]
+            row += [f"{np.mean(lengths):.1f}", f"{np.mean(trunc):.3f}"]
+            lines.append("| " + " | ".join(row) + " |")
+        return lines
+
+    def _ks(self) -> list[int]:
+        if self.base is None:
+            return []
+        return [int(k) for k in self.base.eval_summary["datasets"][self.primary].get("pass_at_k", {})]
+
+    def training_table(self) -> list[str]:
+        w = self.window
+        head = ["arm", "seed", f"train acc, first {w}", f"train acc, last {w}", "length first→last",
+                "entropy first→last"] + [f"steps to {t:g}" for t in self.thresholds] + ["s/update by phase"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for arm in self.arms.values():
+            for r in arm.runs:
+                _, acc = r.curve(ACCURACY)
+                _, length = r.curve(LENGTH)
+                ent = self._entropy(r)
+                row = [arm.name, str(r.seed), _fmt(float(acc[:w].mean())) if acc.size else "n/a",
+                       _fmt(float(acc[-w:].mean())) if acc.size else "n/a",
+                       f"{length[:w].mean():.1f}→{length[-w:].mean():.1f}" if length.size else "n/a",
+                       f"{ent[:w].mean():.3f}→{ent[-w:].mean():.3f}" if ent is not None and ent.size else "n/a"]
+                row += [str(s) if s is not None else "never" for s in
+                        (steps_to_threshold(*r.curve(ACCURACY), t, w) for t in self.thresholds)]
+                row.append(", ".join(f"phase {p}: {s:.1f}" for p, s in self._seconds_by_phase(r).items()) or "n/a")
+                lines.append("| " + " | ".join(row) + " |")
+        return lines
+
+    @staticmethod
+    def _entropy(r: RunResult) -> np.ndarray | None:
+        """The token entropy of the responses each update scored, in the space it updated
+        (marginal in PreRL phases, conditional otherwise), one value per step."""
+        cond, marg = r.curves.get("train/entropy/conditional", {}), r.curves.get("train/entropy/marginal", {})
+        steps = sorted(set(cond) | set(marg))
+        if not steps:
+            return None
+        return np.array([cond.get(s, marg.get(s)) for s in steps], dtype=float)
+
+    @staticmethod
+    def _seconds_by_phase(r: RunResult) -> dict[int, float]:
+        phase = r.curves.get(PHASE, {})
+        rollout, update = r.curves.get("train/time/rollout_s", {}), r.curves.get("train/time/update_s", {})
+        by: dict[int, list[float]] = {}
+        for step in sorted(set(rollout) & set(update) & set(phase)):
+            by.setdefault(int(phase[step]), []).append(rollout[step] + update[step])
+        return {p: float(np.median(v)) for p, v in sorted(by.items())}
+
+    def claims(self) -> list[dict[str, str]]:
+        """Each of the paper's claims (docs/method.md, "Results to compare against") next to what
+        was measured, with its uncertainty and a verdict."""
+        rows: list[dict[str, str]] = []
+        n, grpo = self.samples, (self._role("grpo") or [None])[0]
+        best = self._best_dsrl()
+        key = f"{self.primary} avg@{n}"
+
+        def add(claim: str, measured: str, ci: str, verdict_: str) -> None:
+            rows.append({"claim": claim, "measured": measured, "uncertainty": ci, "verdict": verdict_})
+
+        def missing(claim: str, needs: str) -> None:
+            add(claim, f"not yet run: needs {needs}", "-", "pending")
+
+        claim = "DSRL ends above GRPO (paper, Qwen3-4B Avg@32: 57.54 vs 55.79)"
+        if grpo and best:
+            d, lo, hi, p = _paired(best, grpo, self.primary, "accuracy", self.n_boot)
+            add(claim, f"{key}: best DSRL arm {best.name} minus {grpo.name} = {d:+.3f} ({p} problems)",
+                f"paired bootstrap 95% CI [{lo:+.3f}, {hi:+.3f}]; seeds {len(best.runs)} / {len(grpo.runs)}",
+                verdict(lo, hi, ">"))
+            for other in self._role("dsrl"):
+                if other is not best:
+                    d, lo, hi, _ = _paired(other, grpo, self.primary, "accuracy", self.n_boot)
+                    add(f"(every DSRL arm) {other.name} vs {grpo.name}", f"{key} difference {d:+.3f}",
+                        f"[{lo:+.3f}, {hi:+.3f}]", verdict(lo, hi, ">"))
+        else:
+            missing(claim, "a GRPO and a DSRL arm")
+
+        control = (self._role("control") or [None])[0]
+        claim = "NSR warm-up in post-train space, then GRPO, ends below GRPO (54.38 vs 55.79)"
+        if control and grpo:
+            d, lo, hi, _ = _paired(control, grpo, self.primary, "accuracy", self.n_boot)
+            add(claim, f"{key}: {control.name} minus {grpo.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", verdict(lo, hi, "<"))
+        else:
+            missing(claim, "the control arm and GRPO")
+        claim = "The pre-train space matters: DSRL ends above the same warm-up in post-train space"
+        if control and best:
+            d, lo, hi, _ = _paired(best, control, self.primary, "accuracy", self.n_boot)
+            add(claim, f"{key}: {best.name} minus {control.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", verdict(lo, hi, ">"))
+        else:
+            missing(claim, "the control arm and a DSRL arm")
+
+        for t in self.thresholds:
+            claim = f"DSRL reaches training accuracy {t:g} in fewer steps than GRPO (paper: 2.5x fewer to 45%, 1.6x to 58%)"
+            if not (grpo and best):
+                missing(claim, "a GRPO and a DSRL arm")
+                continue
+            g, b = self._steps(grpo, t), self._steps(best, t)
+            g_max = [s if s is not None else self.study.updates + 1 for s in g]
+            b_max = [s if s is not None else self.study.updates + 1 for s in b]
+            measured = f"steps (trailing {self.window}-update mean of train/accuracy): {best.name} {b}, {grpo.name} {g}"
+            if all(s is None for s in g + b):
+                add(claim, measured, "neither reached it", "inconclusive")
+                continue
+            ratio = np.median(g_max) / np.median(b_max)
+            v = "held" if max(b_max) < min(g_max) else "did not hold" if min(b_max) > max(g_max) else "inconclusive"
+            add(claim, measured + f"; ratio GRPO/DSRL {ratio:.2f} (never = N+1)", "range over seeds", v)
+
+        base = self._base_view()
+        for name, claim in (("psr_prerl", "PSR-PreRL alone collapses (accuracy falls below the base model's)"),
+                            ("prerl", "Full PreRL collapses (paper: after tracking GRPO for ~150 steps)")):
+            arm = self._arm(name)
+            if arm and base:
+                d, lo, hi, _ = _paired(arm, base, self.primary, "accuracy", self.n_boot)
+                ent = [self._entropy(r) for r in arm.runs]
+                ent_txt = "; entropy first→last " + ", ".join(f"{e[:self.window].mean():.3f}→{e[-self.window:].mean():.3f}"
+                                                             for e in ent if e is not None and e.size)
+                add(claim + f" within {self.study.updates} updates", f"{key}: {name} minus base = {d:+.3f}{ent_txt}",
+                    f"[{lo:+.3f}, {hi:+.3f}]", verdict(lo, hi, "<"))
+            else:
+                missing(claim, f"the {name} arm and the base evaluation")
+        psr, nsr = self._arm("psr_prerl"), self._arm("nsr_prerl")
+        claim = "PSR is the cause: PSR-PreRL ends below NSR-PreRL"
+        if psr and nsr:
+            d, lo, hi, _ = _paired(psr, nsr, self.primary, "accuracy", self.n_boot)
+            add(claim, f"{key}: psr_prerl minus nsr_prerl = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", verdict(lo, hi, "<"))
+        else:
+            missing(claim, "the psr_prerl and nsr_prerl arms")
+
+        claim = "NSR-PreRL lengthens responses"
+        if nsr and base:
+            d, lo, hi, _ = _paired(nsr, base, self.primary, "length", self.n_boot)
+            add(claim, f"{self.primary} mean response tokens: nsr_prerl minus base = {d:+.1f}",
+                f"[{lo:+.1f}, {hi:+.1f}]", verdict(lo, hi, ">"))
+        else:
+            missing(claim, "the nsr_prerl arm and the base evaluation")
+        for kind, paper in (("transition", "14.89x"), ("reflection", "6.54x")):
+            claim = f"NSR-PreRL raises '{kind}' thoughts (paper: {paper} after 20 steps)"
+            if nsr and base:
+                ids_n, vn = nsr.per_problem(self.primary, kind)
+                ids_b, vb = base.per_problem(self.primary, kind)
+                _, both = align_problems([(ids_n, vn), (ids_b, vb)])
+                d, lo, hi = paired_bootstrap_ci(both[0], both[1], self.n_boot)
+                ratio = f"{both[0].mean() / both[1].mean():.2f}x" if both[1].mean() > 0 else "base has none"
+                measured = (f"{kind} thoughts per response: base {both[1].mean():.4f}, nsr_prerl {both[0].mean():.4f} "
+                            f"({ratio})")
+                v = "inconclusive" if both.max() == 0 else verdict(lo, hi, ">")
+                add(claim, measured, f"difference [{lo:+.4f}, {hi:+.4f}]", v)
+            else:
+                missing(claim, "the nsr_prerl arm and the base evaluation")
+
+        claim = "grad log P(y) and grad log P(y|x) align: inner product > 0 for every rollout, mean cosine 0.44"
+        if self.alignment:
+            per = [r for r in self.alignment["per_sample"] if r.get("cosine") is not None and not np.isnan(r["cosine"])]
+            cos = np.array([r["cosine"] for r in per])
+            inner = np.array([r["inner"] for r in self.alignment["per_sample"]])
+            m, lo, hi = bootstrap_ci(cos, self.n_boot)
+            frac = float((inner > 0).mean())
+            v = "held" if frac == 1.0 and lo > 0 else "did not hold" if hi < 0 or frac < 0.5 else "inconclusive"
+            add(claim, f"base model, {len(inner)} rollouts ({self.alignment['params']['spec']} parameters): "
+                f"inner > 0 for {100 * frac:.1f}%, mean cosine {m:.3f}", f"cosine bootstrap [{lo:.3f}, {hi:.3f}]", v)
+        else:
+            missing(claim, "the alignment probe")
+
+        for s in self.ood_sets:
+            claim = f"DSRL generalises at least as well as GRPO out of distribution ({s})"
+            if grpo and best and all(s in r.problems for r in best.runs + grpo.runs):
+                d, lo, hi, _ = _paired(best, grpo, s, "accuracy", self.n_boot)
+                add(claim, f"{s} avg@{n}: {best.name} minus {grpo.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]",
+                    verdict(lo, hi, ">"))
+            else:
+                missing(claim, f"GRPO and DSRL evaluated on {s}")
+
+        claim = "Compute: an NSR-PreRL update costs no more than a GRPO update"
+        phases = {}
+        for arm in self._role("dsrl"):
+            for r in arm.runs:
+                for p, sec in self._seconds_by_phase(r).items():
+                    phases.setdefault(p, []).append(sec)
+        if len(phases) >= 2:
+            p1, p2 = float(np.median(phases[1])), float(np.median(phases[2]))
+            add(claim, f"median seconds per update (rollout + update) in DSRL runs: phase 1 (NSR-PreRL) {p1:.1f}, "
+                f"phase 2 (GRPO) {p2:.1f}, ratio {p1 / p2:.2f}",
+                "runs shared the machine; see benchmarks/grpo_vs_trl.py for quiet timings", "measured")
+        else:
+            missing(claim, "a DSRL run")
+        return rows
+
+    # ------------------------------------------------------------------ figures
+    def figures(self, out: Path) -> dict[str, Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out.mkdir(parents=True, exist_ok=True)
+        written: dict[str, Path] = {}
+        colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(self.study.arms)}
+
+        for key, label, fname in ((ACCURACY, f"train accuracy (trailing {self.window}-update mean)", "accuracy.png"),
+                                  (LENGTH, "mean response tokens", "length.png"), (None, "token entropy (space updated)", "entropy.png")):
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for arm in self.arms.values():
+                for i, r in enumerate(arm.runs):
+                    if key is None:
+                        values = self._entropy(r)
+                        steps = np.array(sorted(set(r.curves.get("train/entropy/conditional", {})) |
+                                                set(r.curves.get("train/entropy/marginal", {}))))
+                    else:
+                        steps, values = r.curve(key)
+                    if values is None or not len(values):
+                        continue
+                    y = moving_average(values, self.window) if key == ACCURACY else values
+                    ax.plot(steps, y, color=colours[arm.name], alpha=0.9 if i == 0 else 0.5,
+                            label=arm.name if i == 0 else None)
+            ax.set_xlabel("update")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            written[fname] = out / fname
+            fig.savefig(written[fname], dpi=110)
+            plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        views = ([self._base_view()] if self.base else []) + list(self.arms.values())
+        for view in views:
+            ks = self._ks()
+            values = [float(np.mean(view.seed_values(f"{self.primary}/pass@{k}") or [np.nan])) for k in ks]
+            ax.plot(ks, values, "o-", color="black" if view.name == "base" else colours[view.name], label=view.name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k")
+        ax.set_ylabel(f"{self.primary} pass@k (unbiased)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        written["pass_at_k.png"] = out / "pass_at_k.png"
+        fig.savefig(written["pass_at_k.png"], dpi=110)
+        plt.close(fig)
+
+        kinds = ["reflection", "transition", "subgoal_setting", "enumeration", "verification", "backtracking"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / max(1, len(views))
+        for i, view in enumerate(views):
+            means = [float(view.per_problem(self.primary, k)[1].mean()) for k in kinds]
+            ax.bar(np.arange(len(kinds)) + i * width, means, width,
+                   color="black" if view.name == "base" else colours[view.name], label=view.name)
+        ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds, fontsize=8)
+        ax.set_ylabel("thoughts per response (held-out)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        written["behaviours.png"] = out / "behaviours.png"
+        fig.savefig(written["behaviours.png"], dpi=110)
+        plt.close(fig)
+
+        source = self.study.results_dir / "analysis" / "alignment"
+        for png in sorted(source.glob("*.png")):
+            written[f"alignment_{png.name}"] = out / f"alignment_{png.name}"
+            shutil.copy(png, written[f"alignment_{png.name}"])
+        return written
+
+    # ------------------------------------------------------------------ the document
+    def markdown(self, figures: dict[str, Path], doc: Path, command: str) -> str:
+        study, n = self.study, self.samples
+        done = [r for r in self.planned if r.id in self.results]
+        pending = [r for r in self.planned if r.id not in self.results]
+        rel = lambda p: Path(p).relative_to(doc.parent) if Path(p).is_relative_to(doc.parent) else Path(p)  # noqa: E731
+        train_s = sum((r.train_summary or {}).get("train_seconds", 0.0) for r in self.results.values())
+        eval_s = sum(float(r.eval_summary.get("seconds", 0.0)) for r in self.results.values())
+        cfg = study.report
+        lines = [f"# {cfg.get('title', 'Reproduction in miniature')}", "",
+                 f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} from `{_shown(study.results_dir, study.root)}`: "
+                 f"{len(done)} of {len(self.planned)} planned runs finished. Do not edit by hand: re-run the command.",
+                 "", cfg.get("description", "").strip(), "",
+                 "## Reproduce", "", "```bash", *cfg.get("commands", []), "```", "",
+                 "## Setup", "",
+                 f"- updates per arm: N = {study.updates}; torch threads per run: {study.threads}",
+                 f"- shared training overrides: `{' '.join(study.train_overrides)}`",
+                 f"- evaluation overrides: `{' '.join(study.eval_overrides)}`",
+                 f"- held-out set `{self.primary}`, out-of-distribution sets: {', '.join(f'`{s}`' for s in self.ood_sets) or 'none'}",
+                 f"- compute used by the finished runs: {train_s / 3600:.2f} h of training, {eval_s / 3600:.2f} h of evaluation",
+                 "", "| arm | role | overrides | seeds finished |", "|---|---|---|---|"]
+        for arm in study.arms.values():
+            seeds = [r.seed for r in self.results.values() if r.arm == arm.name]
+            lines.append(f"| {arm.name} | {arm.role} | `{' '.join(arm.overrides)}` | {', '.join(map(str, sorted(seeds))) or 'none'} |")
+        lines += ["", "## The paper's claims at this scale", "",
+                  "Verdicts: **held** / **did not hold** when the 95% interval excludes zero on the claimed / "
+                  "the other side, else **inconclusive**; **pending** when the runs it needs have not finished.", "",
+                  "| claim | measured | uncertainty | verdict |", "|---|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['measured']} | {c['uncertainty']} | **{c['verdict']}** |" for c in self.claims()]
+        if self.base is not None:
+            lines += ["", f"## Held-out and out-of-distribution accuracy (n = {n} samples per problem)", "",
+                      "Intervals: bootstrap over problems of the per-problem accuracy averaged over seeds.", ""]
+            lines += self.accuracy_table()
+        if self.arms:
+            lines += ["", "## Training curves", ""] + self.training_table()
+        lines += ["", "## Figures", ""]
+        lines += [f"![{name}]({rel(path)})" for name, path in figures.items()]
+        if pending:
+            lines += ["", "## Not yet run", "", "The same command continues the study with these runs:", ""]
+            lines += [f"- `{r.id}`" for r in pending]
+        lines += ["", "## What a stronger test needs", "", *self.scale_up(), ""]
+        return "\n".join(lines) + "\n"
+
+    def scale_up(self) -> list[str]:
+        """An ESTIMATE of the compute of a stronger test on one GPU, from the study file's
+        assumptions (``report.scale_up``): 6 x params x tokens for policy updates plus
+        2 x params x tokens for sampling, at an assumed fraction of the GPU's peak."""
+        s = self.study.report.get("scale_up")
+        if not s:
+            return ["(no `report.scale_up` in the study file)"]
+        tokens = float(s["prompts"]) * float(s["group_size"]) * float(s["mean_tokens"]) * float(s["updates"])
+        flops = (6 + 2) * float(s["params"]) * tokens * float(s["arms"])
+        hours = flops / (float(s["gpu_peak_flops"]) * float(s["utilisation"])) / 3600
+        return [s.get("text", "").strip(), "",
+                f"Estimate (computed, not measured): {s['arms']} arms x {s['updates']} updates x {s['prompts']} prompts x "
+                f"{s['group_size']} responses x {s['mean_tokens']} tokens = {tokens * float(s['arms']):.3g} tokens; "
+                f"8 x {float(s['params']):.3g} parameters x tokens = {flops:.3g} FLOP; at {100 * float(s['utilisation']):.0f}% "
+                f"of {float(s['gpu_peak_flops']):.3g} FLOP/s ({s.get('gpu', 'one GPU')}): about {hours:.0f} GPU-hours."]
+
+
+def write_report(study: Study, results: dict[str, RunResult], planned: list[Run], alignment: dict | None,
+                 command: str) -> Path:
+    """Write the figures and the markdown; return the markdown's path."""
+    cfg = study.report
+    doc = study.root / cfg.get("output", f"docs/{study.name}.md")
+    report = Report(study, results, planned, alignment)
+    figures = report.figures(study.root / cfg.get("figures", f"docs/{study.name}")) if report.arms or report.base else {}
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(report.markdown(figures, doc, command))
+    return doc
+
+
+def load_alignment(study: Study) -> dict[str, Any] | None:
+    """The alignment probe's JSON if the study ran it."""
+    path = study.results_dir / "analysis" / "alignment" / "alignment.json"
+    return json.loads(path.read_text()) if path.exists() else None

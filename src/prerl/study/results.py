@@ -1,0 +1,76 @@
+"""What a study's runs left in ``<results_dir>``, loaded for the report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def load_curves(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar a training run logged to TensorBoard: {tag: {step: value}} ({} if none)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events_dir = Path(run_dir) / "tensorboard"
+    if not events_dir.is_dir():
+        return {}
+    events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def eval_metric(summary: dict, key: str) -> float:
+    """``<set>/<metric>`` of an evaluation summary, e.g. ``heldout/avg@8``."""
+    name, _, metric = key.partition("/")
+    try:
+        value = summary["datasets"][name]["metrics"][metric]
+    except KeyError as err:
+        raise KeyError(f"{key!r} is not in the evaluation summary (sets: {sorted(summary.get('datasets', {}))})") from err
+    return float(value)
+
+
+@dataclass
+class RunResult:
+    """One finished run: its evaluation per set and (trained runs) its training curves."""
+
+    run_id: str
+    arm: str
+    seed: int
+    eval_summary: dict
+    problems: dict[str, list[dict]]                      # set -> per-problem records, in index order
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)
+    train_summary: dict | None = None
+
+    def correct_matrix(self, eval_set: str) -> np.ndarray:
+        """(problems, samples) bool: which sampled responses were right."""
+        return np.array([r["correct"] for r in self.problems[eval_set]], dtype=bool)
+
+    def problem_ids(self, eval_set: str) -> list[str]:
+        return [str(r["id"]) for r in self.problems[eval_set]]
+
+    def curve(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of a training curve, sorted by step (empty if never logged)."""
+        points = self.curves.get(key, {})
+        steps = np.array(sorted(points), dtype=int)
+        return steps, np.array([points[s] for s in steps], dtype=float)
+
+
+def load_run(folder: Path) -> RunResult:
+    done = json.loads((folder / "done.json").read_text())
+    problems = {}
+    for f in sorted((folder / "eval" / "problems").glob("*.jsonl")):
+        records = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        problems[f.stem] = sorted(records, key=lambda r: r["index"])
+    curves_file = folder / "curves.json"
+    curves = {k: {int(s): v for s, v in p.items()} for k, p in json.loads(curves_file.read_text()).items()} \
+        if curves_file.exists() else {}
+    train = folder / "train_summary.json"
+    return RunResult(done["run"], done["arm"], int(done["seed"]), json.loads((folder / "eval" / "summary.json").read_text()),
+                     problems, curves, json.loads(train.read_text()) if train.exists() else None)
+
+
+def load_results(results_dir: Path) -> dict[str, RunResult]:
+    """{run id: result} of every finished run (a ``done.json`` marks one)."""
+    return {f.parent.name: load_run(f.parent) for f in sorted(Path(results_dir).glob("*/done.json"))}

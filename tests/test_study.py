@@ -1,0 +1,153 @@
+"""The reproduction study's machinery: statistics, the study file, the resumable runner, the
+report. The end-to-end test runs configs/study/tiny.yaml (tiny random model) in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from prerl.study.runner import planned_runs, replicate_runs, run_one
+from prerl.study.spec import Run, load_study
+from prerl.study.stats import (
+    align_problems,
+    bootstrap_ci,
+    moving_average,
+    paired_bootstrap_ci,
+    steps_to_threshold,
+    verdict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "configs" / "study" / "tiny.yaml"
+
+
+# ----------------------------------------------------------------------------------- statistics
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_problems():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(20), rng.random(2000)
+    m, lo, hi = bootstrap_ci(small, 500)
+    assert lo < m < hi and m == pytest.approx(small.mean())
+    _, lo2, hi2 = bootstrap_ci(large, 500)
+    assert hi2 - lo2 < (hi - lo) / 4
+    assert bootstrap_ci(small, 300, seed=3) == bootstrap_ci(small, 300, seed=3)  # reproducible
+
+
+def test_paired_bootstrap_sees_a_shift_the_unpaired_noise_would_hide():
+    rng = np.random.default_rng(1)
+    a = rng.random(200)
+    b = a - 0.02  # the same problems, every one 0.02 easier for a
+    d, lo, hi = paired_bootstrap_ci(a, b, 500)
+    assert d == pytest.approx(0.02) and lo == pytest.approx(0.02) and hi == pytest.approx(0.02)
+    assert verdict(lo, hi, ">") == "held" and verdict(lo, hi, "<") == "did not hold"
+    assert verdict(-0.1, 0.1, ">") == "inconclusive"
+    with pytest.raises(ValueError, match="same problems"):
+        paired_bootstrap_ci(a, b[:-1])
+
+
+def test_align_problems_keeps_the_common_problems_in_one_order():
+    ids, m = align_problems([(["a", "b", "c"], np.array([1.0, 2.0, 3.0])), (["c", "a"], np.array([30.0, 10.0]))])
+    assert ids == ["a", "c"]
+    np.testing.assert_array_equal(m, [[1.0, 3.0], [10.0, 30.0]])
+
+
+def test_steps_to_threshold_needs_a_full_window_and_reports_the_first_crossing():
+    steps = np.arange(1, 9)
+    values = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(moving_average(values, 2), [1.0, 0.5, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0])
+    assert steps_to_threshold(steps, values, 0.9, window=1) == 1
+    assert steps_to_threshold(steps, values, 0.9, window=2) == 6  # step 1 alone is not a window of 2
+    assert steps_to_threshold(steps, values, 1.1, window=2) is None
+
+
+# ----------------------------------------------------------------------------------- study file
+def _write(tmp_path: Path, **changes) -> Path:
+    raw = OmegaConf.to_container(OmegaConf.load(STUDY))
+    raw.update(results_dir=str(tmp_path / "results"), work_dir=str(tmp_path / "work"))
+    raw["report"].update(output=str(tmp_path / "report.md"), figures=str(tmp_path / "figures"))
+    raw.update(changes)
+    path = tmp_path / "study.yaml"
+    path.write_text(OmegaConf.to_yaml(raw))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bogus": 1}, "unknown keys"),
+    ({"updates": 0}, "updates must be >= 1"),
+    ({"arms": {"grpo": {"role": "winner", "overrides": []}}}, "role must be one of"),
+    ({"arms": {"dsrl": {"role": "dsrl", "overrides": []}}}, "role grpo"),
+    ({"replicate": {"seeds": [1], "arms": ["best:grpo,nope"]}}, "unknown arms"),
+])
+def test_bad_study_files_fail_when_read_naming_the_key(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        load_study(_write(tmp_path, **change), ROOT)
+
+
+def test_plan_is_base_then_seed_by_seed_and_best_arm_waits_for_results(tmp_path):
+    study = load_study(_write(tmp_path), ROOT)
+    assert [r.id for r in planned_runs(study)] == ["base", "grpo-seed0", "dsrl_s1-seed0", "nsr_prerl-seed0"]
+    assert replicate_runs(study) == ([], ["best:dsrl_s1"])
+
+
+# ----------------------------------------------------------------------------------- end to end
+def _study(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "study.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_resumes_and_reports(tmp_path):
+    path = _write(tmp_path)
+    study = load_study(path, ROOT)
+
+    # a pre-empted training attempt (checkpoint after 1 of 2 updates) is continued, not restarted
+    pre = Run("grpo", 0)
+    attempt = study.work_dir / pre.id / "train-1"
+    first = subprocess.run([sys.executable, "src/train.py", *study.train_overrides, "objective=grpo", "seed=0",
+                            "trainer.max_steps=1", "validate_before=false", "validate_after=false",
+                            f"hydra.run.dir={attempt}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads((attempt / "summary.json").read_text())
+    (attempt / "summary.json").write_text(json.dumps({**summary, "status": "preempted"}))
+
+    ran = _study("run", str(path), "--jobs", "2")
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    results = study.results_dir
+    for run_id in ("base", "grpo-seed0", "dsrl_s1-seed0", "nsr_prerl-seed0", "dsrl_s1-seed1"):
+        assert (results / run_id / "done.json").exists(), run_id
+    continued = json.loads((study.work_dir / "grpo-seed0" / "train-2" / "summary.json").read_text())
+    assert continued["status"] == "completed" and continued["global_step"] == 2
+    curves = json.loads((results / "grpo-seed0" / "curves.json").read_text())
+    assert sorted(int(s) for s in curves["train/accuracy"]) == [0, 1]  # step 0 from the first attempt
+    dsrl = json.loads((results / "dsrl_s1-seed0" / "curves.json").read_text())
+    assert [dsrl["train/phase"][s] for s in sorted(dsrl["train/phase"], key=int)] == [1.0, 2.0]  # S = 1
+    assert not any((study.work_dir / "grpo-seed0").glob("train-*/checkpoints/*.ckpt"))  # dropped once evaluated
+    assert (results / "analysis" / "alignment" / "alignment.json").exists()
+
+    stamp = (results / "base" / "done.json").stat().st_mtime
+    again = _study("run", str(path))
+    assert again.returncode == 0 and (results / "base" / "done.json").stat().st_mtime == stamp
+    assert "dsrl_s1-seed1: done" in again.stdout  # nothing left to do: every run reported done
+
+    reported = _study("report", str(path))
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    doc = (tmp_path / "report.md").read_text()
+    assert "## The paper's claims at this scale" in doc and "**pending**" in doc  # e.g. no control arm
+    base_eval = json.loads((results / "base" / "eval" / "summary.json").read_text())
+    avg = base_eval["datasets"]["heldout"]["metrics"]["avg@2"]
+    assert f"| base | - | {avg:.3f} [" in doc  # the table is computed from the results
+    for png in ("accuracy.png", "length.png", "entropy.png", "pass_at_k.png", "behaviours.png"):
+        assert (tmp_path / "figures" / png).stat().st_size > 0
+    status = _study("status", str(path))
+    assert "nsr_prerl-seed0" in status.stdout and "pending" not in status.stdout
+
+
+def test_run_one_names_the_log_when_training_fails(tmp_path):
+    study = load_study(_write(tmp_path, train_overrides=["experiment=smoke", "module.rollout.temperature=-1"]), ROOT)
+    with pytest.raises(RuntimeError, match="train.out"):
+        run_one(study, Run("grpo", 0))
