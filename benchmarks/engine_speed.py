@@ -6,6 +6,7 @@ environment (``bash scripts/setup_vllm.sh``, docs/engines.md)::
     /work/vllm-venv/bin/python benchmarks/engine_speed.py                 # SmolLM2-135M, 8 x 4, 64 tokens, 2 threads
     /work/vllm-venv/bin/python benchmarks/engine_speed.py --compiled      # also vLLM with torch.compile
     /work/vllm-venv/bin/python benchmarks/engine_speed.py --model tiny --reps 2 --threads 1   # seconds (smoke)
+    python benchmarks/engine_speed.py --no-vllm --hf-variants            # the hf engine's static cache / compile, .venv
 
 What runs: the main job's prompts (``experiment=dsrl_smollm2_cpu``: reasoning-gym one-digit
 additions, its system prompt, SmolLM2's chat template; batch r of the training order in rep r),
@@ -133,6 +134,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=6, help="timed reps per engine (after one warm-up rep)")
     ap.add_argument("--syncs", type=int, default=3)
     ap.add_argument("--compiled", action="store_true", help="also time vLLM with torch.compile (enforce_eager=False)")
+    ap.add_argument("--hf-variants", action="store_true",
+                    help="also time the hf engine with a static KV cache, and with it torch.compiled (engine_options)")
+    ap.add_argument("--no-vllm", action="store_true", help="hf engines only (runs in the project's .venv)")
     ap.add_argument("--wait", type=int, default=10, help="tries to find a quiet machine before timing")
     ap.add_argument("--max-busy", type=float, default=0.15)
     ap.add_argument("--json", type=str, default=None)
@@ -145,7 +149,10 @@ def main() -> None:
     spec, tokenizer, policy = build(args.model)
     data = batches(tokenizer, args.prompts, args.reps + 1)
     engines, info = {"hf": build_engine("hf", policy=lambda: policy, tokenizer=tokenizer)}, {}
-    variants = [("vllm", True)] + ([("vllm-compiled", False)] if args.compiled else [])
+    if args.hf_variants:
+        engines["hf-static"] = build_engine("hf", policy=lambda: policy, tokenizer=tokenizer, static_cache=True)
+        engines["hf-compiled"] = build_engine("hf", policy=lambda: policy, tokenizer=tokenizer, compile=True)
+    variants = [] if args.no_vllm else [("vllm", True)] + ([("vllm-compiled", False)] if args.compiled else [])
     for name, eager in variants:
         t0 = time.perf_counter()
         engines[name] = build_engine("vllm", policy=lambda: policy, tokenizer=tokenizer, enforce_eager=eager,
@@ -194,7 +201,7 @@ def main() -> None:
     report = {
         "date": datetime.now().isoformat(timespec="seconds"), "command": " ".join([sys.executable] + sys.argv),
         "args": vars(args), "torch": torch.__version__, "transformers": transformers.__version__,
-        "vllm": __import__("vllm").__version__, "cpus": os.cpu_count(), "load_before": load_before,
+        "vllm": None if args.no_vllm else __import__("vllm").__version__, "cpus": os.cpu_count(), "load_before": load_before,
         "summary": summary, "runs": results,
     }
     if args.json:

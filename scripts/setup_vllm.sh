@@ -7,7 +7,7 @@
 #                    `torch` from PyPI would be the CUDA build)
 # Then: $VLLM_VENV/bin/python src/train.py module.rollout.engine=vllm
 #       $VLLM_VENV/bin/python -m pytest tests/test_vllm_engine.py
-# Measured on a 2-core machine (2026-12-01, empty pip cache): about 2 min, 2.4 GB.
+# Measured on a 2-core machine (2026-12-01, empty pip cache, busy): 4 min 17 s, 3.1 GB (docs/engines.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLLM_VENV:-/work/vllm-venv}
