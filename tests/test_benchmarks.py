@@ -55,3 +55,28 @@ def test_grpo_vs_trl_tiny_mode_prints_every_figure(tmp_path):
     assert trl_settings["loss_type"] == "dapo" and trl_settings["beta"] == 0.0 and trl_settings["bf16"] is False
     assert trl_settings["generation"]["top_k"] == 0 and trl_settings["gradient_checkpointing"] is False
     assert all(run["threads"] == 1 for runs in result["runs"].values() for run in runs)
+
+
+def test_profile_step_finds_every_part_of_a_tiny_step(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    dump = tmp_path / "step.pstats"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "experiment=smoke", "objective=grpo",
+         "--steps", "2", "--threads", "1", "--dump", str(dump)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import pstats
+
+        from profile_step import PARTS, parts
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    found = dict(parts(pstats.Stats(str(dump))))
+    for label, *_ in PARTS:
+        assert label in proc.stdout, label
+    # the parts a GRPO step must contain were found in the profile, and they nest
+    for label in ("training_step (all)", "sampling: generate", "update: all", "update: backward", "rewards"):
+        assert found[label] > 0, label
+    assert found["update: backward"] < found["update: all"] < found["training_step (all)"]
