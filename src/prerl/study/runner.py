@@ -244,13 +244,9 @@ def run_study(study: Study, jobs: int = 1, commit: bool = False, only: set[str] 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         running: dict[Future, Run] = {}
         while True:
-            # base first, alone: every other run's report row compares against it
-            base_done = (study.results_dir / "base" / "done.json").exists() or "base" in outcomes
             for run in planned_runs(study):
                 if run.id in submitted or (only and run.arm not in only and run.arm != "base"):
                     continue
-                if run.arm != "base" and not base_done and any(r.arm == "base" for r in running.values()):
-                    break
                 if len(running) >= jobs:
                     break
                 submitted.add(run.id)
