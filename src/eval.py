@@ -23,6 +23,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from prerl.evaluate import evaluate  # noqa: E402  (also registers the resolver of hydra.run.dir)
+from prerl.evaluation.runner import EvaluationPreempted  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="eval")
@@ -31,6 +32,8 @@ def main(cfg: DictConfig) -> None:
         evaluate(cfg)
     except KeyboardInterrupt:
         sys.exit(130)  # summary.json (status interrupted) and the resume command are already written
+    except EvaluationPreempted:
+        sys.exit(143)  # SIGTERM: as train.py, a distinct code so a scheduler requeues; summary.json says preempted
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from omegaconf import OmegaConf, open_dict
 from prerl.data.sources import FileSource, PackagedSource
 from prerl.evaluate import EvalSettingsMismatch, evaluate
 from prerl.evaluation.records import CorruptRecordsError
+from prerl.evaluation.runner import EvaluationPreempted
 from prerl.metrics import pass_at_k, pass_at_k_curve, pass_at_k_ks, pass_at_k_matrix
 from prerl.rewards.types import RewardResult
 
@@ -214,6 +217,40 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
     assert resumed["status"] == "completed" and resumed["output_dir"] == str(part.resolve())
     assert (part / "problems" / "sv.jsonl").read_text() == (whole / "problems" / "sv.jsonl").read_text()
     assert resumed["metrics"] == json.loads((whole / "summary.json").read_text())["metrics"]
+
+
+SIGTERM_AT: dict[str, int | None] = {"call": None}
+
+
+def sigterm_reward(responses, problems):
+    """The scripted reward; its N-th call sends this process SIGTERM, as a scheduler pre-empting it."""
+    if SIGTERM_AT["call"] is not None:
+        SIGTERM_AT["call"] -= 1
+        if SIGTERM_AT["call"] == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return scripted_reward(responses, problems)
+
+
+def test_sigterm_stops_before_the_next_chunk_as_preempted_and_the_resume_is_exact(tmp_path):
+    data = write_jsonl(tmp_path / "sv.jsonl", svamp_like(6))
+    keys = dict(eval_file=str(data), question_template="{Body} {Question}", answer_field="Answer")
+    reward = ["reward._target_=test_eval.sigterm_reward"]
+    whole = tmp_path / "whole"
+    evaluate(compose_eval(whole, reward, **keys))
+    part = tmp_path / "part"
+    SIGTERM_AT["call"] = 3  # during chunk 1 (problems 2, 3): it finishes, chunk 2 is never started
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(EvaluationPreempted, match="resume with"):
+            evaluate(compose_eval(part, reward, **keys))
+    finally:
+        SIGTERM_AT["call"] = None
+        signal.signal(signal.SIGTERM, previous)
+    stopped = json.loads((part / "summary.json").read_text())
+    assert stopped["status"] == "preempted" and stopped["datasets"]["sv"]["done"] == 4 and "resume_from" in stopped["resume"]
+    resumed = evaluate(compose_eval(tmp_path / "ignored", reward, resume_from=str(part), **keys))
+    assert resumed["status"] == "completed"
+    assert (part / "problems" / "sv.jsonl").read_text() == (whole / "problems" / "sv.jsonl").read_text()
 
 
 def test_greedy_and_errors(tmp_path):

@@ -42,7 +42,7 @@ from prerl.checkpointing import resolve_checkpoint
 from prerl.data.prompts import resolve_context_ids
 from prerl.evaluation.records import RecordWriter, complete_chunks, read_records
 from prerl.evaluation.report import curve_of, format_table, log_to_loggers, plot_pass_at_k, set_summary
-from prerl.evaluation.runner import ChunkSampler, Sampling
+from prerl.evaluation.runner import ChunkSampler, EvaluationPreempted, Sampling
 from prerl.evaluation.sets import EvalSet, output_name, resolve_eval_sets
 from prerl.train import build
 
@@ -239,6 +239,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             trainer.predict(module, dataloaders=loader, ckpt_path=ckpt_path, return_predictions=False)
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
         status, error = "interrupted", "interrupted (Ctrl-C / SIGINT)"
+    except EvaluationPreempted as err:  # a scheduler's SIGTERM: exit 143 so it requeues, resume later
+        status, error = "preempted", str(err)
     except BaseException as err:
         status, error = "failed", f"{type(err).__name__}: {err}"
         log.error("evaluation failed", exc_info=True)
@@ -252,6 +254,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                           time.perf_counter() - started)
     if status == "interrupted":
         raise KeyboardInterrupt(f"evaluation interrupted; resume with: {summary['resume']}")
+    if status == "preempted":
+        raise EvaluationPreempted(f"evaluation pre-empted; resume with: {summary['resume']}")
     return summary
 
 

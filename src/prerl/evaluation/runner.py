@@ -133,6 +133,10 @@ class ChunkSampler:
         return records
 
 
+class EvaluationPreempted(RuntimeError):
+    """SIGTERM arrived: the evaluation stops before its next chunk (every finished chunk is on disk)."""
+
+
 class EvalModule(PreRLModule):
     """The training module, evaluating: ``predict_step`` samples the chunk a batch names.
 
@@ -155,6 +159,8 @@ class EvalModule(PreRLModule):
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> Any:
         if self.chunk_sampler is None:
             raise RuntimeError("EvalModule.predict_step needs a chunk_sampler (set by prerl.evaluate)")
+        if getattr(self.trainer, "received_sigterm", False):  # Lightning only notes SIGTERM during predict
+            raise EvaluationPreempted("SIGTERM received: stopped before the next chunk")
         set_name, chunk = batch["set"], int(batch["chunk"])
         self.chunk_sampler.run_chunk(self, set_name if isinstance(set_name, str) else set_name[0], chunk)
         return None
