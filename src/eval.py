@@ -3,7 +3,7 @@
     python src/eval.py                                  # the base model on data's validation split
     python src/eval.py ckpt_path=logs/dsrl_smollm2_cpu/runs/<run>      # a checkpoint (file, run folder, last)
     python src/eval.py eval_sets=[svamp,gym_arithmetic] limit=20 samples=4
-    python src/eval.py eval_file=/abs/path/problems.jsonl question_template="{Body} {Question}"
+    python src/eval.py eval_file=/abs/path/problems.jsonl 'question_template="{Body} {Question}"'
     python src/eval.py model=qwen3_4b trainer=gpu eval_sets=[math500,aime] samples=32 max_new_tokens=8192
     python src/eval.py <same overrides> resume_from=logs/eval/runs/<run>  # continue an interrupted evaluation
 
