@@ -162,7 +162,7 @@ class Report:
     def training_table(self) -> list[str]:
         w = self.window
         head = ["arm", "seed", f"train acc, first {w}", f"train acc, last {w}", "length first→last",
-                "entropy first→last"] + [f"steps to {t:g}" for t in self.thresholds] + ["s/update by phase"]
+                "entropy (space updated) first→last"] + [f"steps to {t:g}" for t in self.thresholds] + ["s/update by phase"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for arm in self.arms.values():
             for r in arm.runs:
@@ -209,6 +209,11 @@ class Report:
         def add(claim: str, measured: str, ci: str, verdict_: str) -> None:
             rows.append({"claim": claim, "measured": measured, "uncertainty": ci, "verdict": verdict_})
 
+        def judged(lo: float, hi: float, expected: str, *arms: ArmView) -> str:
+            v = verdict(lo, hi, expected)
+            single = any(a.name != "base" and len(a.runs) < 2 for a in arms)
+            return f"{v} (1 seed)" if single and v != "inconclusive" else v
+
         def missing(claim: str, needs: str) -> None:
             add(claim, f"not yet run: needs {needs}", "-", "pending")
 
@@ -217,12 +222,12 @@ class Report:
             d, lo, hi, p = _paired(best, grpo, self.primary, "accuracy", self.n_boot)
             add(claim, f"{key}: best DSRL arm {best.name} minus {grpo.name} = {d:+.3f} ({p} problems)",
                 f"paired bootstrap 95% CI [{lo:+.3f}, {hi:+.3f}]; seeds {len(best.runs)} / {len(grpo.runs)}",
-                verdict(lo, hi, ">"))
+                judged(lo, hi, ">", best, grpo))
             for other in self._role("dsrl"):
                 if other is not best:
                     d, lo, hi, _ = _paired(other, grpo, self.primary, "accuracy", self.n_boot)
                     add(f"(every DSRL arm) {other.name} vs {grpo.name}", f"{key} difference {d:+.3f}",
-                        f"[{lo:+.3f}, {hi:+.3f}]", verdict(lo, hi, ">"))
+                        f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, ">", other, grpo))
         else:
             missing(claim, "a GRPO and a DSRL arm")
 
@@ -230,13 +235,13 @@ class Report:
         claim = "NSR warm-up in post-train space, then GRPO, ends below GRPO (54.38 vs 55.79)"
         if control and grpo:
             d, lo, hi, _ = _paired(control, grpo, self.primary, "accuracy", self.n_boot)
-            add(claim, f"{key}: {control.name} minus {grpo.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", verdict(lo, hi, "<"))
+            add(claim, f"{key}: {control.name} minus {grpo.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, "<", control, grpo))
         else:
             missing(claim, "the control arm and GRPO")
         claim = "The pre-train space matters: DSRL ends above the same warm-up in post-train space"
         if control and best:
             d, lo, hi, _ = _paired(best, control, self.primary, "accuracy", self.n_boot)
-            add(claim, f"{key}: {best.name} minus {control.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", verdict(lo, hi, ">"))
+            add(claim, f"{key}: {best.name} minus {control.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, ">", best, control))
         else:
             missing(claim, "the control arm and a DSRL arm")
 
@@ -253,8 +258,12 @@ class Report:
                 add(claim, measured, "neither reached it", "inconclusive")
                 continue
             ratio = np.median(g_max) / np.median(b_max)
-            v = "held" if max(b_max) < min(g_max) else "did not hold" if min(b_max) > max(g_max) else "inconclusive"
-            add(claim, measured + f"; ratio GRPO/DSRL {ratio:.2f} (never = N+1)", "range over seeds", v)
+            if min(len(g), len(b)) < 2:  # one seed has no spread: a difference in steps says nothing yet
+                v, spread = "inconclusive", "one seed of an arm: no spread to judge by"
+            else:
+                v = "held" if max(b_max) < min(g_max) else "did not hold" if min(b_max) > max(g_max) else "inconclusive"
+                spread = "held / did not hold only when the seeds' ranges do not overlap"
+            add(claim, measured + f"; ratio GRPO/DSRL {ratio:.2f} (never = N+1)", spread, v)
 
         base = self._base_view()
         for name, claim in (("psr_prerl", "PSR-PreRL alone collapses (accuracy falls below the base model's)"),
@@ -266,14 +275,14 @@ class Report:
                 ent_txt = "; entropy first→last " + ", ".join(f"{e[:self.window].mean():.3f}→{e[-self.window:].mean():.3f}"
                                                              for e in ent if e is not None and e.size)
                 add(claim + f" within {self.study.updates} updates", f"{key}: {name} minus base = {d:+.3f}{ent_txt}",
-                    f"[{lo:+.3f}, {hi:+.3f}]", verdict(lo, hi, "<"))
+                    f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, "<", arm))
             else:
                 missing(claim, f"the {name} arm and the base evaluation")
         psr, nsr = self._arm("psr_prerl"), self._arm("nsr_prerl")
         claim = "PSR is the cause: PSR-PreRL ends below NSR-PreRL"
         if psr and nsr:
             d, lo, hi, _ = _paired(psr, nsr, self.primary, "accuracy", self.n_boot)
-            add(claim, f"{key}: psr_prerl minus nsr_prerl = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", verdict(lo, hi, "<"))
+            add(claim, f"{key}: psr_prerl minus nsr_prerl = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, "<", psr, nsr))
         else:
             missing(claim, "the psr_prerl and nsr_prerl arms")
 
@@ -281,7 +290,7 @@ class Report:
         if nsr and base:
             d, lo, hi, _ = _paired(nsr, base, self.primary, "length", self.n_boot)
             add(claim, f"{self.primary} mean response tokens: nsr_prerl minus base = {d:+.1f}",
-                f"[{lo:+.1f}, {hi:+.1f}]", verdict(lo, hi, ">"))
+                f"[{lo:+.1f}, {hi:+.1f}]", judged(lo, hi, ">", nsr))
         else:
             missing(claim, "the nsr_prerl arm and the base evaluation")
         for kind, paper in (("transition", "14.89x"), ("reflection", "6.54x")):
@@ -294,7 +303,7 @@ class Report:
                 ratio = f"{both[0].mean() / both[1].mean():.2f}x" if both[1].mean() > 0 else "base has none"
                 measured = (f"{kind} thoughts per response: base {both[1].mean():.4f}, nsr_prerl {both[0].mean():.4f} "
                             f"({ratio})")
-                v = "inconclusive" if both.max() == 0 else verdict(lo, hi, ">")
+                v = "inconclusive" if both.max() == 0 else judged(lo, hi, ">", nsr)
                 add(claim, measured, f"difference [{lo:+.4f}, {hi:+.4f}]", v)
             else:
                 missing(claim, "the nsr_prerl arm and the base evaluation")
@@ -317,7 +326,7 @@ class Report:
             if grpo and best and all(s in r.problems for r in best.runs + grpo.runs):
                 d, lo, hi, _ = _paired(best, grpo, s, "accuracy", self.n_boot)
                 add(claim, f"{s} avg@{n}: {best.name} minus {grpo.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]",
-                    verdict(lo, hi, ">"))
+                    judged(lo, hi, ">", best, grpo))
             else:
                 missing(claim, f"GRPO and DSRL evaluated on {s}")
 
@@ -433,7 +442,9 @@ class Report:
             lines.append(f"| {arm.name} | {arm.role} | `{' '.join(arm.overrides)}` | {', '.join(map(str, sorted(seeds))) or 'none'} |")
         lines += ["", "## The paper's claims at this scale", "",
                   "Verdicts: **held** / **did not hold** when the 95% interval excludes zero on the claimed / "
-                  "the other side, else **inconclusive**; **pending** when the runs it needs have not finished.", "",
+                  "the other side, else **inconclusive**; **pending** when the runs it needs have not finished. "
+                  "Intervals are a bootstrap over the evaluation's problems: with one training seed of an arm they "
+                  "hold the evaluation's noise, not the run-to-run spread of training, and the verdict says **(1 seed)**.", "",
                   "| claim | measured | uncertainty | verdict |", "|---|---|---|---|"]
         lines += [f"| {c['claim']} | {c['measured']} | {c['uncertainty']} | **{c['verdict']}** |" for c in self.claims()]
         if self.base is not None:
