@@ -156,3 +156,15 @@ def test_eval_runs_on_the_jsonl_example(tmp_path):
                       tmp_path)
     result = evaluate(cfg)
     assert 0.0 <= result["metrics"]["val/avg@2"] <= 1.0
+
+
+def test_progress_bar_off_drops_the_bar_callback_instead_of_failing(tmp_path):
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from prerl.train import build
+
+    cfg = compose_cfg("train", ["experiment=smoke", "trainer.enable_progress_bar=false", "logger=csv"], tmp_path)
+    _, _, trainer = build(cfg)
+    assert not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
+    cfg = compose_cfg("train", ["experiment=smoke", "logger=csv"], tmp_path)
+    assert any(isinstance(c, ProgressBar) for c in build(cfg)[2].callbacks)  # on by default

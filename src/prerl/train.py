@@ -20,6 +20,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.errors import InstantiationException
@@ -114,9 +115,12 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         objective=instantiate(cfg.objective),
         reward=build_reward(cfg.reward),
     )
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    if cfg.trainer.get("enable_progress_bar", True) is False:  # Lightning refuses a bar callback with the bar off
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer = instantiate(
         cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"),
+        callbacks=callbacks,
         logger=instantiate_group(cfg.get("logger"), "logger") or False,
     )
     return datamodule, module, trainer
