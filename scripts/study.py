@@ -8,7 +8,8 @@
 ``run`` skips every run whose results exist and continues cut-off ones (a training run from its
 newest checkpoint, an evaluation from its finished chunks), so it can be stopped (Ctrl-C, a
 reboot) and started again; ``--commit`` commits each run's results as it finishes. ``--only
-grpo,dsrl_s4`` restricts it to some arms. ``report`` needs no model: it reads the results only.
+grpo,dsrl_s4`` restricts it to some arms. ``touch <work_dir>/STOP`` (logs/study/<name>/STOP)
+finishes the runs under way and starts no new one. ``report`` needs no model: it reads the results only.
 """
 
 from __future__ import annotations

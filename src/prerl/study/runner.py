@@ -14,7 +14,8 @@ and started again, across days):
    run's results are committed to git at once.
 
 The base model's evaluation (run ``base``) and the alignment probe (``analysis/alignment``) run
-first. ``replicate`` runs (extra seeds; ``best:a,b,c`` is decided by the held-out score of those
+first. Creating ``<work_dir>/STOP`` lets the runs under way finish and starts no new one (the
+next start continues; delete the file first). ``replicate`` runs (extra seeds; ``best:a,b,c`` is decided by the held-out score of those
 arms' first seed) are added as soon as they can be decided.
 """
 
@@ -244,7 +245,8 @@ def run_study(study: Study, jobs: int = 1, commit: bool = False, only: set[str] 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         running: dict[Future, Run] = {}
         while True:
-            for run in planned_runs(study):
+            stop = study.work_dir / "STOP"  # `touch` it: the running runs finish, no new one starts
+            for run in [] if stop.exists() else planned_runs(study):
                 if run.id in submitted or (only and run.arm not in only and run.arm != "base"):
                     continue
                 if len(running) >= jobs:
