@@ -279,6 +279,13 @@ class Report:
             else:
                 missing(claim, f"the {name} arm and the base evaluation")
         psr, nsr = self._arm("psr_prerl"), self._arm("nsr_prerl")
+        claim = (f"NSR-PreRL alone does not collapse within {self.study.updates} updates (implied: the paper puts the "
+                 "collapse on PSR-PreRL)")
+        if nsr and base:
+            d, lo, hi, _ = _paired(nsr, base, self.primary, "accuracy", self.n_boot)
+            add(claim, f"{key}: nsr_prerl minus base = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, ">", nsr))
+        else:
+            missing(claim, "the nsr_prerl arm and the base evaluation")
         claim = "PSR is the cause: PSR-PreRL ends below NSR-PreRL"
         if psr and nsr:
             d, lo, hi, _ = _paired(psr, nsr, self.primary, "accuracy", self.n_boot)
