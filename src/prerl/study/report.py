@@ -217,6 +217,14 @@ class Report:
         def missing(claim: str, needs: str) -> None:
             add(claim, f"not yet run: needs {needs}", "-", "pending")
 
+        def compare(claim: str, a: ArmView | None, b: ArmView | None, expected: str, needs: str) -> None:
+            """Held-out accuracy of arm a minus arm b, claimed to be ``expected`` zero."""
+            if not (a and b):
+                missing(claim, needs)
+                return
+            d, lo, hi, _ = _paired(a, b, self.primary, "accuracy", self.n_boot)
+            add(claim, f"{key}: {a.name} minus {b.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, expected, a, b))
+
         claim = "DSRL ends above GRPO (paper, Qwen3-4B Avg@32: 57.54 vs 55.79)"
         if grpo and best:
             d, lo, hi, p = _paired(best, grpo, self.primary, "accuracy", self.n_boot)
@@ -232,18 +240,10 @@ class Report:
             missing(claim, "a GRPO and a DSRL arm")
 
         control = (self._role("control") or [None])[0]
-        claim = "NSR warm-up in post-train space, then GRPO, ends below GRPO (54.38 vs 55.79)"
-        if control and grpo:
-            d, lo, hi, _ = _paired(control, grpo, self.primary, "accuracy", self.n_boot)
-            add(claim, f"{key}: {control.name} minus {grpo.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, "<", control, grpo))
-        else:
-            missing(claim, "the control arm and GRPO")
-        claim = "The pre-train space matters: DSRL ends above the same warm-up in post-train space"
-        if control and best:
-            d, lo, hi, _ = _paired(best, control, self.primary, "accuracy", self.n_boot)
-            add(claim, f"{key}: {best.name} minus {control.name} = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, ">", best, control))
-        else:
-            missing(claim, "the control arm and a DSRL arm")
+        compare("NSR warm-up in post-train space, then GRPO, ends below GRPO (54.38 vs 55.79)", control, grpo, "<",
+                "the control arm and GRPO")
+        compare("The pre-train space matters: DSRL ends above the same warm-up in post-train space", best, control, ">",
+                "the control arm and a DSRL arm")
 
         for t in self.thresholds:
             claim = f"DSRL reaches training accuracy {t:g} in fewer steps than GRPO (paper: 2.5x fewer to 45%, 1.6x to 58%)"
@@ -279,19 +279,9 @@ class Report:
             else:
                 missing(claim, f"the {name} arm and the base evaluation")
         psr, nsr = self._arm("psr_prerl"), self._arm("nsr_prerl")
-        claim = (f"NSR-PreRL alone does not collapse within {self.study.updates} updates (implied: the paper puts the "
-                 "collapse on PSR-PreRL)")
-        if nsr and base:
-            d, lo, hi, _ = _paired(nsr, base, self.primary, "accuracy", self.n_boot)
-            add(claim, f"{key}: nsr_prerl minus base = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, ">", nsr))
-        else:
-            missing(claim, "the nsr_prerl arm and the base evaluation")
-        claim = "PSR is the cause: PSR-PreRL ends below NSR-PreRL"
-        if psr and nsr:
-            d, lo, hi, _ = _paired(psr, nsr, self.primary, "accuracy", self.n_boot)
-            add(claim, f"{key}: psr_prerl minus nsr_prerl = {d:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, "<", psr, nsr))
-        else:
-            missing(claim, "the psr_prerl and nsr_prerl arms")
+        compare(f"NSR-PreRL alone does not collapse within {self.study.updates} updates (implied: the paper puts the "
+                "collapse on PSR-PreRL)", nsr, base, ">", "the nsr_prerl arm and the base evaluation")
+        compare("PSR is the cause: PSR-PreRL ends below NSR-PreRL", psr, nsr, "<", "the psr_prerl and nsr_prerl arms")
 
         claim = "NSR-PreRL lengthens responses"
         if nsr and base:
