@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from prerl.study.runner import planned_runs, replicate_runs, run_one
+from prerl.study.runner import _Committer, planned_runs, replicate_runs, run_one
 from prerl.study.spec import Run, load_study
 from prerl.study.stats import (
     align_problems,
@@ -92,6 +94,31 @@ def test_plan_is_base_then_seed_by_seed_and_best_arm_waits_for_results(tmp_path)
     study = load_study(_write(tmp_path), ROOT)
     assert [r.id for r in planned_runs(study)] == ["base", "grpo-seed0", "dsrl_s1-seed0", "nsr_prerl-seed0"]
     assert replicate_runs(study) == ([], ["best:dsrl_s1"])
+
+
+def test_committer_commits_new_results_once_and_a_skipped_run_costs_nothing(tmp_path, caplog):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "root")
+    (tmp_path / "other.txt").write_text("a person's unstaged edit\n")
+    run_dir = tmp_path / "results" / "grpo-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "done.json").write_text("{}")
+    commit = _Committer(SimpleNamespace(root=tmp_path), enabled=True)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        commit([run_dir], "grpo-seed0 done")
+        assert git("log", "--format=%s").split("\n")[0] == "grpo-seed0 done"
+        assert git("show", "--name-only", "--format=").split() == ["results/grpo-seed0/done.json"]
+        start = time.monotonic()
+        commit([run_dir], "grpo-seed0 done again")  # a run skipped as done: nothing to commit, no retries
+    assert time.monotonic() - start < 1.5
+    assert git("log", "--format=%s").split("\n")[0] == "grpo-seed0 done"
+    assert "could not commit" not in caplog.text
+    assert "other.txt" in git("status", "--short")  # the person's file was left alone
 
 
 # ----------------------------------------------------------------------------------- end to end

@@ -226,6 +226,9 @@ class _Committer:
             rel = [str(p.relative_to(self.study.root)) for p in paths if p.exists()]
             for attempt in range(5):  # another git process (a person committing) may hold the index lock
                 added = subprocess.call(["git", "add", "--", *rel], cwd=self.study.root)
+                if added == 0 and subprocess.call(  # a run skipped as done has nothing new
+                        ["git", "diff", "--cached", "--quiet", "--", *rel], cwd=self.study.root) == 0:
+                    return
                 committed = added == 0 and subprocess.call(
                     ["git", "commit", "-q", "-m", message, "--", *rel], cwd=self.study.root) == 0
                 if committed:
