@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ def load_curves(run_dir: Path) -> dict[str, dict[int, float]]:
     if not events_dir.is_dir():
         return {}
     events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its reader logs "No path found after" per file
     events.Reload()
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
