@@ -22,6 +22,7 @@ from prerl.study.stats import (
     moving_average,
     paired_bootstrap_ci,
     steps_to_threshold,
+    two_level_bootstrap_ci,
     verdict,
 )
 
@@ -50,6 +51,20 @@ def test_paired_bootstrap_sees_a_shift_the_unpaired_noise_would_hide():
     assert verdict(-0.1, 0.1, ">") == "inconclusive"
     with pytest.raises(ValueError, match="same problems"):
         paired_bootstrap_ci(a, b[:-1])
+
+
+def test_two_level_bootstrap_is_the_paired_one_for_one_seed_and_widens_with_seed_spread():
+    rng = np.random.default_rng(2)
+    a, b = rng.random(100), rng.random(100)
+    assert two_level_bootstrap_ci(a[None], b[None], 500) == pytest.approx(paired_bootstrap_ci(a, b, 500), abs=1e-12)
+    # three seeds of arm a that disagree by +-0.15 overall: the seed means' difference is the same,
+    # but the interval must now hold the training spread the problems-only interval cannot see
+    seeds = np.stack([a - 0.15, a, a + 0.15])
+    d, lo, hi = two_level_bootstrap_ci(seeds, b[None], 500)
+    d0, lo0, hi0 = paired_bootstrap_ci(seeds.mean(axis=0), b, 500)
+    assert d == pytest.approx(d0) and hi - lo > 1.5 * (hi0 - lo0)
+    with pytest.raises(ValueError, match="same, non-empty problems"):
+        two_level_bootstrap_ci(seeds, b[None, :-1])
 
 
 def test_align_problems_keeps_the_common_problems_in_one_order():

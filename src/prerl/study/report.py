@@ -23,9 +23,9 @@ from prerl.study.stats import (
     align_problems,
     bootstrap_ci,
     moving_average,
-    paired_bootstrap_ci,
     per_problem_accuracy,
     steps_to_threshold,
+    two_level_bootstrap_ci,
     verdict,
 )
 
@@ -44,6 +44,11 @@ class ArmView:
 
     def per_problem(self, eval_set: str, value: str = "accuracy") -> tuple[list[str], np.ndarray]:
         """(ids, (problems,)) the arm's per-problem accuracy (or mean length), averaged over seeds."""
+        ids, matrix = align_problems(self.per_seed(eval_set, value))
+        return ids, matrix.mean(axis=0)
+
+    def per_seed(self, eval_set: str, value: str = "accuracy") -> list[tuple[list[str], np.ndarray]]:
+        """[(ids, (problems,))] per seed: per-problem accuracy, mean length or a behaviour count."""
         rows = []
         for r in self.runs:
             if value == "accuracy":
@@ -54,8 +59,7 @@ class ArmView:
                 v = np.array([np.mean([b.get(value, 0) for b in p["behaviours"]]) if p["behaviours"] else 0.0
                               for p in r.problems[eval_set]])
             rows.append((r.problem_ids(eval_set), v))
-        ids, matrix = align_problems(rows)
-        return ids, matrix.mean(axis=0)
+        return rows
 
     def seed_values(self, key: str) -> list[float]:
         """An evaluation metric (``<set>/<metric>``) of every seed."""
@@ -82,10 +86,11 @@ def _ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
 
 
 def _paired(a: ArmView, b: ArmView, eval_set: str, value: str, n_boot: int) -> tuple[float, float, float, int]:
-    ids_a, va = a.per_problem(eval_set, value)
-    ids_b, vb = b.per_problem(eval_set, value)
-    _, both = align_problems([(ids_a, va), (ids_b, vb)])
-    return (*paired_bootstrap_ci(both[0], both[1], n_boot), both.shape[1])
+    """Arm a minus arm b on their common problems: (difference, lo, hi, problems), the interval
+    resampling problems and each arm's seeds (stats.two_level_bootstrap_ci)."""
+    rows_a, rows_b = a.per_seed(eval_set, value), b.per_seed(eval_set, value)
+    _, matrix = align_problems(rows_a + rows_b)
+    return (*two_level_bootstrap_ci(matrix[:len(rows_a)], matrix[len(rows_a):], n_boot), matrix.shape[1])
 
 
 class Report:
@@ -228,8 +233,10 @@ class Report:
         claim = "DSRL ends above GRPO (paper, Qwen3-4B Avg@32: 57.54 vs 55.79)"
         if grpo and best:
             d, lo, hi, p = _paired(best, grpo, self.primary, "accuracy", self.n_boot)
-            add(claim, f"{key}: best DSRL arm {best.name} minus {grpo.name} = {d:+.3f} ({p} problems)",
-                f"paired bootstrap 95% CI [{lo:+.3f}, {hi:+.3f}]; seeds {len(best.runs)} / {len(grpo.runs)}",
+            per_seed = "; ".join(f"{arm.name} " + ", ".join(f"{v:.3f}" for v in arm.seed_values(self.study.select_by))
+                                 for arm in (best, grpo))
+            add(claim, f"{key}: best DSRL arm {best.name} minus {grpo.name} = {d:+.3f} ({p} problems; per seed: {per_seed})",
+                f"bootstrap over problems and seeds, 95% CI [{lo:+.3f}, {hi:+.3f}]; seeds {len(best.runs)} / {len(grpo.runs)}",
                 judged(lo, hi, ">", best, grpo))
             for other in self._role("dsrl"):
                 if other is not best:
@@ -296,7 +303,7 @@ class Report:
                 ids_n, vn = nsr.per_problem(self.primary, kind)
                 ids_b, vb = base.per_problem(self.primary, kind)
                 _, both = align_problems([(ids_n, vn), (ids_b, vb)])
-                d, lo, hi = paired_bootstrap_ci(both[0], both[1], self.n_boot)
+                _, lo, hi, _ = _paired(nsr, base, self.primary, kind, self.n_boot)
                 ratio = f"{both[0].mean() / both[1].mean():.2f}x" if both[1].mean() > 0 else "base has none"
                 measured = (f"{kind} thoughts per response: base {both[1].mean():.4f}, nsr_prerl {both[0].mean():.4f} "
                             f"({ratio})")
@@ -440,8 +447,10 @@ class Report:
         lines += ["", "## The paper's claims at this scale", "",
                   "Verdicts: **held** / **did not hold** when the 95% interval excludes zero on the claimed / "
                   "the other side, else **inconclusive**; **pending** when the runs it needs have not finished. "
-                  "Intervals are a bootstrap over the evaluation's problems: with one training seed of an arm they "
-                  "hold the evaluation's noise, not the run-to-run spread of training, and the verdict says **(1 seed)**.", "",
+                  "Intervals are a bootstrap that resamples the evaluation's problems (the same draw for both arms "
+                  "of a difference) and, where an arm has several training seeds, its seeds too: with one seed of "
+                  "an arm they hold the evaluation's noise, not the run-to-run spread of training, and the verdict "
+                  "says **(1 seed)**.", "",
                   "| claim | measured | uncertainty | verdict |", "|---|---|---|---|"]
         lines += [f"| {c['claim']} | {c['measured']} | {c['uncertainty']} | **{c['verdict']}** |" for c in self.claims()]
         if self.base is not None:

@@ -1,4 +1,4 @@
-"""Uncertainty for the study: bootstrap over problems, spread over seeds, steps to a threshold.
+"""Uncertainty for the study: bootstrap over problems (and seeds), steps to a threshold.
 
 Pure numpy functions; ``rng`` seeds make every interval reproducible from the same results.
 """
@@ -33,6 +33,26 @@ def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level:
     if a.shape != b.shape:
         raise ValueError(f"paired bootstrap needs the same problems: shapes {a.shape} and {b.shape}")
     return bootstrap_ci(a - b, n_boot, level, seed)
+
+
+def two_level_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                           seed: int = 0) -> tuple[float, float, float]:
+    """Arm a minus arm b, each (seeds, problems) per-problem values on the same problems: the
+    difference of their means and its interval, resampling both the problems (jointly for both
+    arms, as in the paired bootstrap) and each arm's training seeds (with replacement), so the
+    interval holds the run-to-run spread of training as well as the evaluation's noise
+    (a hierarchical bootstrap). With one seed per arm it is ``paired_bootstrap_ci`` exactly."""
+    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    if a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise ValueError(f"two-level bootstrap needs the same, non-empty problems: shapes {a.shape} and {b.shape}")
+    rng = np.random.default_rng(seed)
+    problems = rng.integers(0, a.shape[1], size=(n_boot, a.shape[1]))  # drawn first: = bootstrap_ci's draw
+    seeds_a = rng.integers(0, a.shape[0], size=(n_boot, a.shape[0]))
+    seeds_b = rng.integers(0, b.shape[0], size=(n_boot, b.shape[0]))
+    diff = a[seeds_a].mean(axis=1) - b[seeds_b].mean(axis=1)  # (n_boot, problems)
+    means = np.take_along_axis(diff, problems, axis=1).mean(axis=1)
+    alpha = (1 - level) / 2
+    return float((a.mean(axis=0) - b.mean(axis=0)).mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 def align_problems(per_run: list[tuple[list[str], np.ndarray]]) -> tuple[list[str], np.ndarray]:
