@@ -1,6 +1,7 @@
 """The LightningModule on a tiny model: updates, NSR-PreRL behaviour, the DSRL switch, resume, NaN."""
 
 import functools
+import math
 from pathlib import Path
 
 import lightning as L
@@ -93,6 +94,21 @@ def test_nsr_prerl_uniform_groups(convention, no_signal):
     else:
         assert trainer.global_step == 0 and not _changed(before, module)
         assert module.no_signal_total == 2
+
+
+def test_entropy_of_an_update_with_no_signal_is_missing_not_zero():
+    """Without signal no row is forwarded (skip_zero_advantage): the step's train/entropy is NaN
+    (not measured), never a 0 that reads as a collapsed policy."""
+    module = make_module(MarginalNSR(), reward=PatternReward((1, 1, 0, 0)), group_size=2, no_signal="step",
+                         diagnostics_every_n_steps=1)
+    trainer, _ = _fit(module, max_steps=1)
+    assert module.no_signal_total == 1
+    entropy = trainer.callback_metrics.get("train/entropy/marginal")
+    assert entropy is None or math.isnan(float(entropy))  # before any measured step it is not logged at all
+    signal = make_module(MarginalNSR(convention="fixed"), reward=PatternReward((1, 1, 0, 0)), group_size=2,
+                         diagnostics_every_n_steps=1)
+    trainer, _ = _fit(signal, max_steps=1)
+    assert float(trainer.callback_metrics["train/entropy/marginal"]) > 0
 
 
 def test_zero_gradient_for_uniform_groups_group_mean():

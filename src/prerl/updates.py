@@ -173,6 +173,7 @@ class PolicyUpdater:
             if term.objective.kl_coef:
                 term.batch.ref_logprobs = self._reference_logprobs(term.batch, term.placeholder)
         totals: dict[str, float] = {}
+        reported: dict[str, int] = {}  # updates that reported each key (an entropy may be missing from one)
         updates = 0
         device = self.host.device
         for _ in range(cfg.epochs):
@@ -190,7 +191,8 @@ class PolicyUpdater:
                     updates += 1
                     for key, value in step_metrics.items():
                         totals[key] = totals.get(key, 0.0) + value
-        return {key: torch.tensor(value / max(updates, 1)) for key, value in totals.items()}
+                        reported[key] = reported.get(key, 0) + 1
+        return {key: torch.tensor(value / reported[key]) for key, value in totals.items()}
 
     def _optimizer_update(self, terms: list[LossTerm], with_entropy: bool) -> dict[str, float] | None:
         """Accumulate one mini-batch's loss over micro-batches, then take one optimizer step.
@@ -255,8 +257,9 @@ class PolicyUpdater:
         metrics = ranks.sum_dict(sums)
         for key in [k for k in metrics if k.startswith("entropy_sum/")]:
             space = key.split("/", 1)[1]
-            tokens = metrics.pop(f"entropy_tokens/{space}")
-            metrics[f"entropy/{space}"] = metrics.pop(key) / max(tokens, 1.0)
+            tokens, total = metrics.pop(f"entropy_tokens/{space}"), metrics.pop(key)
+            if tokens > 0:  # else no row of this space was forwarded (no signal): nothing was measured
+                metrics[f"entropy/{space}"] = total / tokens
         metrics["grad_norm"] = grad_norm
         return metrics
 
