@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from prerl.study.report import Report
+from prerl.study.results import RunResult
 from prerl.study.runner import _Committer, planned_runs, replicate_runs, run_one
 from prerl.study.spec import Run, load_study
 from prerl.study.stats import (
@@ -80,6 +82,17 @@ def test_steps_to_threshold_needs_a_full_window_and_reports_the_first_crossing()
     assert steps_to_threshold(steps, values, 0.9, window=1) == 1
     assert steps_to_threshold(steps, values, 0.9, window=2) == 6  # step 1 alone is not a window of 2
     assert steps_to_threshold(steps, values, 1.1, window=2) is None
+
+
+def test_entropy_curve_is_the_space_updated_and_leaves_out_steps_without_signal():
+    nan = float("nan")
+    run = RunResult("dsrl-seed0", "dsrl", 0, {}, {}, curves={
+        "train/entropy/marginal": {0: 2.0, 1: 0.0, 2: 1.8, 3: nan},  # step 1: nothing scored (no signal)
+        "train/entropy/conditional": {3: 0.9},                        # the switch: phase 2 from step 3
+        "train/no_signal_batches": {0: 0.0, 1: 1.0, 2: 1.0, 3: 1.0},
+    })
+    steps, values = Report._entropy(run)
+    assert steps.tolist() == [0, 2, 3] and values.tolist() == [2.0, 1.8, 0.9]
 
 
 # ----------------------------------------------------------------------------------- study file

@@ -173,11 +173,11 @@ class Report:
             for r in arm.runs:
                 _, acc = r.curve(ACCURACY)
                 _, length = r.curve(LENGTH)
-                ent = self._entropy(r)
+                _, ent = self._entropy(r)
                 row = [arm.name, str(r.seed), _fmt(float(acc[:w].mean())) if acc.size else "n/a",
                        _fmt(float(acc[-w:].mean())) if acc.size else "n/a",
                        f"{length[:w].mean():.1f}→{length[-w:].mean():.1f}" if length.size else "n/a",
-                       f"{ent[:w].mean():.3f}→{ent[-w:].mean():.3f}" if ent is not None and ent.size else "n/a"]
+                       f"{ent[:w].mean():.3f}→{ent[-w:].mean():.3f}" if ent.size else "n/a"]
                 row += [str(s) if s is not None else "never" for s in
                         (steps_to_threshold(*r.curve(ACCURACY), t, w) for t in self.thresholds)]
                 row.append(", ".join(f"phase {p}: {s:.1f}" for p, s in self._seconds_by_phase(r).items()) or "n/a")
@@ -185,14 +185,20 @@ class Report:
         return lines
 
     @staticmethod
-    def _entropy(r: RunResult) -> np.ndarray | None:
-        """The token entropy of the responses each update scored, in the space it updated
-        (marginal in PreRL phases, conditional otherwise), one value per step."""
+    def _entropy(r: RunResult) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values): the token entropy of the responses each update scored, in the space it
+        updated (marginal in PreRL phases, conditional otherwise). Steps without learning signal
+        scored no response and are left out (earlier runs logged a 0 there)."""
         cond, marg = r.curves.get("train/entropy/conditional", {}), r.curves.get("train/entropy/marginal", {})
-        steps = sorted(set(cond) | set(marg))
-        if not steps:
-            return None
-        return np.array([cond.get(s, marg.get(s)) for s in steps], dtype=float)
+        no_signal = r.curves.get("train/no_signal_batches", {})
+        steps, values = [], []
+        for s in sorted(set(cond) | set(marg)):
+            v = cond.get(s, float("nan"))
+            v = marg.get(s, float("nan")) if np.isnan(v) else v
+            if not np.isnan(v) and no_signal.get(s, 0.0) == no_signal.get(s - 1, 0.0):
+                steps.append(s)
+                values.append(v)
+        return np.array(steps, dtype=int), np.array(values, dtype=float)
 
     @staticmethod
     def _seconds_by_phase(r: RunResult) -> dict[int, float]:
@@ -278,9 +284,9 @@ class Report:
             arm = self._arm(name)
             if arm and base:
                 d, lo, hi, _ = _paired(arm, base, self.primary, "accuracy", self.n_boot)
-                ent = [self._entropy(r) for r in arm.runs]
+                ent = [self._entropy(r)[1] for r in arm.runs]
                 ent_txt = "; entropy first→last " + ", ".join(f"{e[:self.window].mean():.3f}→{e[-self.window:].mean():.3f}"
-                                                             for e in ent if e is not None and e.size)
+                                                             for e in ent if e.size)
                 add(claim + f" within {self.study.updates} updates", f"{key}: {name} minus base = {d:+.3f}{ent_txt}",
                     f"[{lo:+.3f}, {hi:+.3f}]", judged(lo, hi, "<", arm))
             else:
@@ -360,22 +366,25 @@ class Report:
         written: dict[str, Path] = {}
         colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(self.study.arms)}
 
-        for key, label, fname in ((ACCURACY, f"train accuracy (trailing {self.window}-update mean)", "accuracy.png"),
-                                  (LENGTH, "mean response tokens", "length.png"), (None, "token entropy (space updated)", "entropy.png")):
+        for key, label, fname in ((ACCURACY, f"train accuracy ({self.window}-update mean)", "accuracy.png"),
+                                  (LENGTH, "mean response tokens", "length.png"), (None, f"entropy, space updated ({self.window}-update mean)", "entropy.png")):
             fig, ax = plt.subplots(figsize=(7, 4))
             for arm in self.arms.values():
-                for i, r in enumerate(arm.runs):
-                    if key is None:
-                        values = self._entropy(r)
-                        steps = np.array(sorted(set(r.curves.get("train/entropy/conditional", {})) |
-                                                set(r.curves.get("train/entropy/marginal", {}))))
-                    else:
-                        steps, values = r.curve(key)
-                    if values is None or not len(values):
-                        continue
-                    y = moving_average(values, self.window) if key == ACCURACY else values
-                    ax.plot(steps, y, color=colours[arm.name], alpha=0.9 if i == 0 else 0.5,
-                            label=arm.name if i == 0 else None)
+                curves = []
+                for r in arm.runs:
+                    steps, values = self._entropy(r) if key is None else r.curve(key)
+                    if len(values):
+                        curves.append(dict(zip(steps.tolist(),
+                                               values if key == LENGTH else moving_average(values, self.window))))
+                if not curves:
+                    continue
+                # several seeds: their mean, and the band between the lowest and the highest seed
+                steps = sorted(set.intersection(*(set(c) for c in curves)))
+                ys = np.array([[c[s] for s in steps] for c in curves])
+                legend = arm.name if len(curves) == 1 else f"{arm.name} (mean of {len(curves)} seeds, min-max band)"
+                ax.plot(steps, ys.mean(axis=0), color=colours[arm.name], label=legend)
+                if len(curves) > 1:
+                    ax.fill_between(steps, ys.min(axis=0), ys.max(axis=0), color=colours[arm.name], alpha=0.2)
             ax.set_xlabel("update")
             ax.set_ylabel(label)
             ax.legend(fontsize=7, ncol=2)
