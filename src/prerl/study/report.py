@@ -125,7 +125,10 @@ class Report:
         arms = self._role("dsrl")
         if not arms:
             return None
-        return max(arms, key=lambda a: float(np.mean(a.seed_values(self.study.select_by) or [-1.0])))
+        def first_seed(arm: ArmView) -> float:  # the runner's choice (runner.replicate_runs): first seeds only
+            first = [r for r in arm.runs if r.seed == self.study.arms[arm.name].seeds[0]]
+            return float(ArmView(arm.name, arm.role, first).seed_values(self.study.select_by)[0]) if first else -1.0
+        return max(arms, key=first_seed)
 
     def _base_view(self) -> ArmView | None:
         return ArmView("base", "base", [self.base]) if self.base else None
@@ -266,7 +269,9 @@ class Report:
             g, b = self._steps(grpo, t), self._steps(best, t)
             g_max = [s if s is not None else self.study.updates + 1 for s in g]
             b_max = [s if s is not None else self.study.updates + 1 for s in b]
-            measured = f"steps (trailing {self.window}-update mean of train/accuracy): {best.name} {b}, {grpo.name} {g}"
+            shown = lambda steps: "[" + ", ".join("never" if x is None else str(x) for x in steps) + "]"  # noqa: E731
+            measured = (f"steps (trailing {self.window}-update mean of train/accuracy): {best.name} {shown(b)}, "
+                        f"{grpo.name} {shown(g)}")
             if all(s is None for s in g + b):
                 add(claim, measured, "neither reached it", "inconclusive")
                 continue
@@ -459,7 +464,9 @@ class Report:
                   "Intervals are a bootstrap that resamples the evaluation's problems (the same draw for both arms "
                   "of a difference) and, where an arm has several training seeds, its seeds too: with one seed of "
                   "an arm they hold the evaluation's noise, not the run-to-run spread of training, and the verdict "
-                  "says **(1 seed)**.", "",
+                  "says **(1 seed)**. The best DSRL arm is the one with the highest "
+                  f"`{self.study.select_by}` on its first seed, the same problems it is then judged on: "
+                  "the choice itself favours DSRL a little; its extra seeds were run after it was chosen.", "",
                   "| claim | measured | uncertainty | verdict |", "|---|---|---|---|"]
         lines += [f"| {c['claim']} | {c['measured']} | {c['uncertainty']} | **{c['verdict']}** |" for c in self.claims()]
         if self.base is not None:
