@@ -85,6 +85,10 @@ def _ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
+def _steps_text(steps: list[int | None]) -> str:
+    return "[" + ", ".join("never" if s is None else str(s) for s in steps) + "]"
+
+
 def _paired(a: ArmView, b: ArmView, eval_set: str, value: str, n_boot: int) -> tuple[float, float, float, int]:
     """Arm a minus arm b on their common problems: (difference, lo, hi, problems), the interval
     resampling problems and each arm's seeds (stats.two_level_bootstrap_ci)."""
@@ -269,9 +273,8 @@ class Report:
             g, b = self._steps(grpo, t), self._steps(best, t)
             g_max = [s if s is not None else self.study.updates + 1 for s in g]
             b_max = [s if s is not None else self.study.updates + 1 for s in b]
-            shown = lambda steps: "[" + ", ".join("never" if x is None else str(x) for x in steps) + "]"  # noqa: E731
-            measured = (f"steps (trailing {self.window}-update mean of train/accuracy): {best.name} {shown(b)}, "
-                        f"{grpo.name} {shown(g)}")
+            measured = (f"steps (trailing {self.window}-update mean of train/accuracy): {best.name} {_steps_text(b)}, "
+                        f"{grpo.name} {_steps_text(g)}")
             if all(s is None for s in g + b):
                 add(claim, measured, "neither reached it", "inconclusive")
                 continue
