@@ -174,7 +174,6 @@ class PolicyUpdater:
                 term.batch.ref_logprobs = self._reference_logprobs(term.batch, term.placeholder)
         totals: dict[str, float] = {}
         reported: dict[str, int] = {}  # updates that reported each key (an entropy may be missing from one)
-        updates = 0
         device = self.host.device
         for _ in range(cfg.epochs):
             orders = [
@@ -188,7 +187,6 @@ class PolicyUpdater:
                 ]
                 step_metrics = self._optimizer_update(chunk, with_entropy)
                 if step_metrics is not None:
-                    updates += 1
                     for key, value in step_metrics.items():
                         totals[key] = totals.get(key, 0.0) + value
                         reported[key] = reported.get(key, 0) + 1
