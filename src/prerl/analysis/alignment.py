@@ -19,7 +19,7 @@ confident tokens and differ on early and high-entropy ones).
 How the per-sample gradients are computed: one forward and one ``torch.autograd.grad`` per sample
 and space, batch size 1, no padding. Chosen by measurement against ``torch.func``
 (``functional_call`` + ``vmap(grad)`` over chunks of samples; 2-core shared CPU, one thread,
-2026-12-01; the figures below, not re-measured in docs/analysis.md). On the tiny model the two were within the machine's
+2026-12-01; the figures are these). On the tiny model the two were within the machine's
 noise (0.011-0.041 s per pair for the loop, 0.009-0.019 s for vmap). On SmolLM2-135M (all 135M
 parameters) the loop took 2.6-3.1 s per pair at +1.3 GB, vmap 3.1 s at +3.0 GB (2 pairs per
 chunk) and 4.0 s at +6.0 GB (4 pairs): vmap holds two full gradients per pair of its chunk and

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from prerl.study.results import RunResult
+from prerl.study.results import RunResult, eval_metric
 from prerl.study.spec import Run, Study
 from prerl.study.stats import (
     align_problems,
@@ -131,7 +131,7 @@ class Report:
             return None
         def first_seed(arm: ArmView) -> float:  # the runner's choice (runner.replicate_runs): first seeds only
             first = [r for r in arm.runs if r.seed == self.study.arms[arm.name].seeds[0]]
-            return float(ArmView(arm.name, arm.role, first).seed_values(self.study.select_by)[0]) if first else -1.0
+            return eval_metric(first[0].eval_summary, self.study.select_by) if first else -1.0
         return max(arms, key=first_seed)
 
     def _base_view(self) -> ArmView | None:
@@ -375,7 +375,8 @@ class Report:
         colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(self.study.arms)}
 
         for key, label, fname in ((ACCURACY, f"train accuracy ({self.window}-update mean)", "accuracy.png"),
-                                  (LENGTH, "mean response tokens", "length.png"), (None, f"entropy, space updated ({self.window}-update mean)", "entropy.png")):
+                                  (LENGTH, "mean response tokens", "length.png"),
+                                  (None, f"entropy, space updated ({self.window}-update mean)", "entropy.png")):
             fig, ax = plt.subplots(figsize=(7, 4))
             for arm in self.arms.values():
                 curves = []

@@ -15,8 +15,8 @@ and started again, across days):
 
 The base model's evaluation (run ``base``) and the alignment probe (``analysis/alignment``) run
 first. Creating ``<work_dir>/STOP`` lets the runs under way finish and starts no new one (the
-next start continues; delete the file first). ``replicate`` runs (extra seeds; ``best:a,b,c`` is decided by the held-out score of those
-arms' first seed) are added as soon as they can be decided.
+next start continues; delete the file first). ``replicate`` runs (extra seeds; ``best:a,b,c`` is
+decided by the held-out score of those arms' first seed) are added as soon as they can be decided.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def two_level_bootstrap_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, lev
     diff = a[seeds_a].mean(axis=1) - b[seeds_b].mean(axis=1)  # (n_boot, problems)
     means = np.take_along_axis(diff, problems, axis=1).mean(axis=1)
     alpha = (1 - level) / 2
-    return float((a.mean(axis=0) - b.mean(axis=0)).mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    point = float((a.mean(axis=0) - b.mean(axis=0)).mean())
+    return point, float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 def align_problems(per_run: list[tuple[list[str], np.ndarray]]) -> tuple[list[str], np.ndarray]:
