@@ -201,6 +201,15 @@ class PreRLModule(LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
+    def response_room(self) -> tuple[int | None, dict[str, tuple[str, int]]]:
+        """The model's context (None: unknown) and, per data split, the key and value of the longest
+        response generated after its prompts: PromptDataModule.setup checks that every prompt leaves
+        it that room, before anything is generated."""
+        return self.model_spec.context_length(), {
+            "train": ("module.rollout.max_new_tokens", self.rollout_cfg.max_new_tokens),
+            "val": ("module.validation.max_new_tokens", self.val_cfg.max_new_tokens),
+        }
+
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if not params:

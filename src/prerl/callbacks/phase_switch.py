@@ -29,6 +29,9 @@ class PhaseSwitch(Callback):
     ``reset_optimizer`` asks to clear the optimizer state. The phase is module state and the rule's
     trigger state is this callback's, both saved in checkpoints, so a resumed run continues in its
     phase and switches where an uninterrupted one would.
+
+    A run in phase 1 whose ``trainer.max_steps`` ends before ``switch_step`` (and no rule) logs a
+    warning when training starts: it would never reach phase 2.
     """
 
     def __init__(self, switch_step: int = 20, reset_optimizer: bool = False, rule: SwitchRule | None = None):
@@ -39,6 +42,14 @@ class PhaseSwitch(Callback):
 
     def _due(self, trainer) -> bool:
         return trainer.global_step >= self.switch_step or (self.rule is not None and self.rule.fired_at is not None)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.phase == 0 and self.rule is None and 0 <= trainer.max_steps <= self.switch_step:
+            log.warning(
+                "DSRL: objective.switch_step=%d >= trainer.max_steps=%d: the run ends before the switch, so it trains "
+                "phase 1 (%s) only; set objective.switch_step below trainer.max_steps (or raise trainer.max_steps)",
+                self.switch_step, trainer.max_steps, ", ".join(repr(o) for o, _ in pl_module.phases[0]),
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if pl_module.phase == 0 and self._due(trainer):

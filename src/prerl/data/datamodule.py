@@ -23,7 +23,8 @@ __all__ = ["PromptDataModule", "PromptDataset", "PromptTooLongError"]
 
 
 class PromptTooLongError(ValueError):
-    """A rendered prompt is longer than ``max_prompt_length``."""
+    """A rendered prompt is longer than ``max_prompt_length`` or leaves its response no room in the
+    model's context."""
 
 
 class PromptDataset(Dataset):
@@ -53,7 +54,10 @@ class PromptDataModule(L.LightningDataModule):
         val_batch_size: validation problems per batch across all ranks (each rank takes
             ceil(val_batch_size / world size)).
         max_prompt_length: longest allowed prompt in tokens (None: no limit).
-        on_long_prompt: "error" (raise naming the problem) or "drop" (drop, count, warn).
+        on_long_prompt: "error" (raise naming the problem) or "drop" (drop, count, warn) for a
+            prompt longer than ``max_prompt_length``, and, when set up by a trainer whose module
+            has ``response_room()`` (PreRLModule), for a prompt that leaves less than its split's
+            ``max_new_tokens`` positions of the model's context.
         marginal_context: question-free context for the marginal log-prob; None = the
             tokenizer's "<|im_start|>" token, else its BOS token. Exposed as ``context_ids``.
         chat_template_kwargs: extra kwargs for apply_chat_template (e.g. enable_thinking=False).
@@ -138,7 +142,39 @@ class PromptDataModule(L.LightningDataModule):
             return int(tok.eos_token_id)
         raise ValueError("tokenizer has neither a pad token nor an EOS token to pad prompts with")
 
-    def _tokenise(self, problems: list[dict], split: str) -> tuple[list[dict], int]:
+    def _response_room(self) -> dict[str, tuple[int, str, int]]:
+        """Per split: (the model's context, the key of its responses' length, that length), from the
+        LightningModule of the trainer this runs under (``response_room()``); empty without one."""
+        trainer = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer is not None else None
+        if not hasattr(module, "response_room"):
+            return {}
+        context, lengths = module.response_room()
+        return {} if context is None else {split: (context, key, n) for split, (key, n) in lengths.items()}
+
+    def _leave_room(self, items: list[dict], split: str, room: tuple[int, str, int]) -> tuple[list[dict], int]:
+        """The prompts that leave ``room`` = (context, key, max_new_tokens) for their response, and how
+        many did not: those raise PromptTooLongError naming the longest (on_long_prompt="drop": dropped)."""
+        context, key, new_tokens = room
+        fit = [it for it in items if len(it["prompt_ids"]) + new_tokens <= context]
+        if len(fit) == len(items):
+            return items, 0
+        longest = max(items, key=lambda it: len(it["prompt_ids"]))
+        n, pid, dropped = len(longest["prompt_ids"]), longest["problem"]["id"], len(items) - len(fit)
+        if self.on_long_prompt == "error":
+            lower = f"lower {key} to {context - n} or less, or " if n < context else ""
+            raise PromptTooLongError(
+                f"{split} prompt {pid} has {n} tokens: with {key}={new_tokens} it needs {n + new_tokens} positions, "
+                f"more than the model's context of {context} (max_position_embeddings); {lower}set "
+                f"data.on_long_prompt=drop to drop the {dropped} {split} prompt(s) that do not fit"
+            )
+        logger.warning(
+            "%s: dropped %d prompt(s) that leave less than %s=%d positions of the model's context of %d "
+            "(longest: %s, %d tokens)", split, dropped, key, new_tokens, context, pid, n,
+        )
+        return fit, dropped
+
+    def _tokenise(self, problems: list[dict], split: str, room: tuple[int, str, int] | None) -> tuple[list[dict], int]:
         items, too_long = [], []
         for p in problems:
             question = p["question"]
@@ -160,7 +196,10 @@ class PromptDataModule(L.LightningDataModule):
                 "%s: dropped %d prompt(s) longer than max_prompt_length=%d (longest %d tokens, e.g. %s)",
                 split, len(too_long), self.max_prompt_length, max(n for _, n in too_long), too_long[0][0],
             )
-        return items, len(too_long)
+        if room is None:
+            return items, len(too_long)
+        items, no_room = self._leave_room(items, split, room)
+        return items, len(too_long) + no_room
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -196,10 +235,14 @@ class PromptDataModule(L.LightningDataModule):
         train, val, st = make_split_with_stats(train, val, val_size=self.val_size, seed=self.seed)
         self.context_ids = resolve_context_ids(self.tokenizer, self.marginal_context)
         self.pad_token_id = self._resolve_pad_id()
-        self._train_items, train_long = self._tokenise(train, "train")
-        self._val_items, val_long = self._tokenise(val, "val")
+        room = self._response_room()
+        self._train_items, train_long = self._tokenise(train, "train", room.get("train"))
+        self._val_items, val_long = self._tokenise(val, "val", room.get("val"))
         if not self._train_items:
-            raise ValueError("no training prompts left after dropping long prompts")
+            raise ValueError(
+                "no training prompts left after dropping long prompts (data.on_long_prompt=drop): raise "
+                "data.max_prompt_length or lower module.rollout.max_new_tokens"
+            )
         if len(self._train_items) < self.batch_size:
             raise ValueError(
                 f"only {len(self._train_items)} training prompts for batch_size={self.batch_size} with "

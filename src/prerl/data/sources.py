@@ -82,6 +82,9 @@ def make_problem(id: str, question: str, answer: Any, verifier: str = "math", me
         raise ValueError(f"problem {id!r}: unknown verifier {verifier!r}; expected one of {VERIFIERS}")
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"problem {id!r}: question must be a non-empty string, got {question!r:.80}")
+    shape = _not_one_answer(answer)
+    if shape:
+        raise ValueError(f"problem {id!r}: the answer is {shape}, not one value; give a string or a number")
     return {
         "id": str(id),
         "question": question,
@@ -191,15 +194,29 @@ def _check_size(size: Any, owner: str) -> int | None:
 
 
 def _get_field(record: Any, field: str) -> Any:
-    """``record[field]``; dotted names walk nested dicts ("a.b" -> record["a"]["b"])."""
+    """``record[field]``; dotted names walk nested objects and lists ("a.b" -> record["a"]["b"],
+    "a.0" -> record["a"][0])."""
     if isinstance(record, Mapping) and field in record:
         return record[field]
     cur = record
     for part in field.split("."):
-        if not isinstance(cur, Mapping) or part not in cur:
+        if isinstance(cur, Mapping) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
             raise KeyError(field)
-        cur = cur[part]
     return cur
+
+
+def _not_one_answer(answer: Any) -> str | None:
+    """What a gold answer that is a list or an object looks like (for an error message); None for
+    one value (a string, a number)."""
+    if isinstance(answer, list):
+        return f"a list ({answer!r:.60})"
+    if isinstance(answer, Mapping):
+        return f"an object with fields {sorted(answer)[:10]}"
+    return None
 
 
 def template_fields(template: str, owner: str) -> list[str]:
@@ -253,7 +270,9 @@ class FileSource(Source):
 
     Args:
         path: the file. ``format="auto"`` picks by extension (.jsonl/.ndjson, .json, .parquet).
-        question_field, answer_field: keys of the question and gold answer (dotted for nesting).
+        question_field, answer_field: keys of the question and gold answer; dotted paths reach
+            nested objects and list elements (``answer.0``: the first element of a list). The
+            gold must be one value (a string or a number): a list or an object is a ValueError.
         question_template: the question built from several fields of the record instead, e.g.
             ``"{Body} {Question}"`` (SVAMP); values are inserted as written, ``{{``/``}}`` are literal
             braces. When set, it replaces ``question_field``. A field the record lacks is a
@@ -479,6 +498,13 @@ class FileSource(Source):
                 if not isinstance(question, str) or not question.strip():
                     raise ValueError(f"{self.path}: {where}: question field {self.question_field!r} is not a non-empty string")
             answer = values["answer"]
+            shape = _not_one_answer(answer)
+            if shape:
+                pick = "0 (its first element)" if isinstance(answer, list) else "<field>"
+                raise ValueError(
+                    f"{self.path}: {where}: answer field {self.answer_field!r} is {shape}, not one answer; store a "
+                    f"single value, or pick one in every record with answer_field={self.answer_field}.{pick}"
+                )
             if transform is not None:
                 try:
                     answer = transform(str(answer))

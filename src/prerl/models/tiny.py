@@ -69,6 +69,9 @@ class TinyModelSpec(ModelSpec):
     def _repr_fields(self) -> dict[str, Any]:
         return {"arch": self.arch, "hidden_size": self.hidden_size, "num_layers": self.num_layers, "seed": self.seed}
 
+    def context_length(self) -> int:
+        return self.max_position_embeddings
+
     def build_tokenizer(self) -> PreTrainedTokenizerBase:
         return build_tiny_tokenizer(model_max_length=self.max_position_embeddings)
 
