@@ -3,6 +3,7 @@ resume, errors, the plot script. Tiny model, a scripted plug-in reward."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import itertools
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf, open_dict
 
 from prerl.data.sources import FileSource, PackagedSource
 from prerl.evaluate import EvalSettingsMismatch, evaluate
-from prerl.evaluation.records import CorruptRecordsError
+from prerl.evaluation.records import CorruptRecordsError, RecordWriter, read_records
 from prerl.evaluation.runner import EvaluationPreempted
 from prerl.metrics import pass_at_k, pass_at_k_curve, pass_at_k_ks, pass_at_k_matrix
 from prerl.rewards.types import RewardResult
@@ -253,6 +254,41 @@ def test_sigterm_stops_before_the_next_chunk_as_preempted_and_the_resume_is_exac
     assert (part / "problems" / "sv.jsonl").read_text() == (whole / "problems" / "sv.jsonl").read_text()
 
 
+def test_a_full_disk_while_appending_a_chunk_loses_that_chunk_only(tmp_path, monkeypatch):
+    path = tmp_path / "problems" / "sv.jsonl"
+    first = [{"chunk": 0, "id": "a", "responses": ["x" * 100]}, {"chunk": 0, "id": "b", "responses": ["y"]}]
+    second = [{"chunk": 1, "id": "c", "responses": ["z" * 100]}, {"chunk": 1, "id": "d", "responses": ["w"]}]
+    writer = RecordWriter(path)
+    writer.write(first)
+    real_write, calls = os.write, []
+
+    def write_a_third_then_no_space(fd, data):  # the disk fills up in the middle of chunk 1's first record
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, bytes(data[: len(data) // 3]))
+
+    monkeypatch.setattr(os, "write", write_a_third_then_no_space)
+    with pytest.raises(OSError, match="No space left"):
+        writer.write(second)
+    monkeypatch.undo()
+    writer.close()  # writes nothing more
+    records, cut = read_records(path)
+    assert records == first and cut  # the cut chunk is sampled again, the file rewritten first
+
+
+def test_a_last_record_cut_just_before_its_newline_is_kept_and_the_next_starts_a_new_line(tmp_path):
+    path = tmp_path / "sv.jsonl"
+    first = {"chunk": 0, "id": "a"}
+    path.write_text(json.dumps(first))  # the process was killed before the final newline
+    records, cut = read_records(path)
+    assert records == [first] and cut
+    writer = RecordWriter(path, records, rewrite=cut)
+    writer.write([{"chunk": 1, "id": "b"}])
+    writer.close()
+    assert read_records(path) == ([first, {"chunk": 1, "id": "b"}], False)
+
+
 def test_greedy_and_errors(tmp_path):
     good = write_jsonl(tmp_path / "ok.jsonl", [{"question": "1 + 1?", "answer": 2}, {"question": "2 + 2?", "answer": 4}])
     s = evaluate(compose_eval(tmp_path / "greedy", ["greedy=true"], eval_file=str(good)))
@@ -294,9 +330,10 @@ def test_eval_config_composes_with_every_new_data_config():
     assert svamp.val.question_template == "{Body} {Question}"
 
 
-def test_checkpoint_of_another_objective_is_evaluated_from_its_run_folder(tmp_path):
+def test_checkpoint_of_another_objective_is_evaluated_from_its_run_folder(tmp_path, capsys):
     """A GRPO checkpoint (one phase) loads into the eval config's DSRL module: the phase does not
-    matter to evaluation. ckpt_path is the training run folder; data= mode names the set "val"."""
+    matter to evaluation. ckpt_path is the training run folder; data= mode names the set "val".
+    The summary and the console say which checkpoint, of which run, at which step was evaluated."""
     from prerl.train import train
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -305,9 +342,31 @@ def test_checkpoint_of_another_objective_is_evaluated_from_its_run_folder(tmp_pa
             "validate_after=false", "logger=csv"])
     with open_dict(tcfg):
         tcfg.paths.output_dir = str(tmp_path / "train")
-    train(tcfg)
+    trained = train(tcfg)
     cfg = compose_eval(tmp_path / "eval", ["data.val.size=3"], ckpt_path=str(tmp_path / "train"))
     assert "switch_step" in cfg.objective  # the eval config builds a two-phase (DSRL) module
+    capsys.readouterr()
     s = evaluate(cfg)
     assert s["ckpt_path"].endswith(".ckpt") and set(s["datasets"]) == {"val"}
     assert 0.0 <= s["metrics"]["val/avg@4"] <= 1.0 and s["datasets"]["val"]["done"] == 3
+    ckpt, run = str(Path(s["ckpt_path"]).resolve()), str((tmp_path / "train").resolve())
+    assert trained["global_step"] == 1
+    assert s["checkpoint"] == {"path": ckpt, "run": run, "global_step": 1}
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["checkpoint"] == s["checkpoint"]
+    assert f"evaluated {ckpt} (run {run}, step 1)" in capsys.readouterr().out
+
+
+def test_checkpoint_origin_reads_the_step_of_a_file_or_a_sharded_folder(tmp_path):
+    """The step is read from the checkpoint (a sharded FSDP folder keeps it in meta.pt); the run
+    folder is the one holding its checkpoints/, unknown for a checkpoint kept elsewhere."""
+    from prerl.evaluate import _checkpoint_origin
+
+    sharded = tmp_path / "run" / "checkpoints" / "step=7.ckpt"
+    sharded.mkdir(parents=True)
+    torch.save({"global_step": 7, "epoch": 0}, sharded / "meta.pt")
+    assert _checkpoint_origin(str(sharded)) == {"path": str(sharded.resolve()), "run": str((tmp_path / "run").resolve()),
+                                                "global_step": 7}
+    loose = tmp_path / "elsewhere.ckpt"
+    torch.save({"global_step": 12, "state_dict": {"w": torch.zeros(3)}}, loose)
+    assert _checkpoint_origin(str(loose)) == {"path": str(loose.resolve()), "run": None, "global_step": 12}
+    assert _checkpoint_origin(None) is None

@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 
+from prerl import preemption
 from prerl.rewards import (
     DispatchReward,
     RewardContractError,
@@ -80,6 +86,24 @@ def interrupted(responses, problems):
     raise KeyboardInterrupt
 
 
+def hangs(responses, problems):
+    """Raises on a batch holding a response with "poison", else hangs on one with "hang" (a stuck
+    verifier, a dead server); its own ``except Exception`` must not swallow the time limit."""
+    if any("poison" in r for r in responses):
+        raise ZeroDivisionError("parser crashed")
+    if any("hang" in r for r in responses):
+        try:
+            time.sleep(60)  # "forever" here; bounded so that a broken limit fails the test, not the session
+        except Exception:  # noqa: BLE001
+            return [1.0] * len(responses)
+    return [1.0] * len(responses)
+
+
+def sleeps(responses, problems):
+    time.sleep(3)
+    return [1.0] * len(responses)
+
+
 class LengthReward:
     """A class reward: instantiated with the config's keys, called per batch."""
 
@@ -129,9 +153,11 @@ def test_plugin_config_with_a_target_and_added_keys_from_the_command_line():
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            "reward=plugin", f"reward._target_={HERE}.contains_answer", "+reward.weight=3.0", "reward.on_error=zero"])
+            "reward=plugin", f"reward._target_={HERE}.contains_answer", "+reward.weight=3.0", "reward.on_error=zero",
+            "reward.timeout_s=2.5"])
     reward = build_reward(cfg.reward)
-    assert reward.on_error == "zero" and reward(["1", "x"], problems(2)).rewards.tolist() == [3.0, 0.0]
+    assert reward.on_error == "zero" and reward.timeout_s == 2.5
+    assert reward(["1", "x"], problems(2)).rewards.tolist() == [3.0, 0.0]
 
 
 # --------------------------------------------------------------- return types
@@ -187,6 +213,96 @@ def test_timeouts_and_interrupts_are_not_swallowed():
 def test_bad_on_error_value():
     with pytest.raises(ValueError, match="on_error='ignore'"):
         build_reward({"_target_": f"{HERE}.contains_answer", "on_error": "ignore"})
+
+
+# --------------------------------------------------------------- timeout_s and SIGTERM
+def test_a_hung_reward_scores_its_call_zero_counts_timeouts_and_the_run_goes_on(caplog):
+    reward = build_reward({"_target_": f"{HERE}.hangs", "timeout_s": 0.5})
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="prerl.rewards.plugin"):
+        result = reward(["1", "hang", "3", "4"], problems(4))
+    assert time.monotonic() - t0 < 2.0
+    assert result.rewards.tolist() == [0.0] * 4 and result.timeouts == 4 and result.errors == 0
+    assert "reward.timeout_s=0.5" in caplog.text and "hangs" in caplog.text
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0.0  # the timer is cleared
+    assert reward(["1", "2"], problems(2)).rewards.tolist() == [1.0, 1.0]  # the next call is scored as usual
+
+
+def test_a_fast_reward_under_a_limit_is_unaffected_and_the_key_is_not_passed_on():
+    reward = build_reward(OmegaConf.create({"_target_": f"{HERE}.contains_answer", "weight": 2.0, "timeout_s": 5}))
+    assert reward.timeout_s == 5.0 and "timeout_s" not in reward.fn.keywords
+    result = reward(["the answer is 1", "no idea"], problems(2))
+    assert result.rewards.tolist() == [2.0, 0.0] and result.timeouts == 0 and result.errors == 0
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0.0
+
+
+def test_on_error_zero_does_not_take_a_timeout_for_an_error():
+    """The batch raises (poison), so it is re-scored one response at a time, each call under the limit:
+    the hung one is a timeout, the poisoned one an error."""
+    reward = build_reward({"_target_": f"{HERE}.hangs", "timeout_s": 0.3, "on_error": "zero"})
+    result = reward(["poison", "fine", "hang"], problems(3))
+    assert result.rewards.tolist() == [0.0, 1.0, 0.0] and result.errors == 1 and result.timeouts == 1
+
+
+def test_the_limit_of_the_whole_call_holds_math_verify_limits_inside_it(monkeypatch):
+    """reward=default with reward.timeout_s: the plug-in limit (0.3 s) fires on time although
+    math-verify's own per-response limit (5 s) is set inside it."""
+    import math_verify
+
+    monkeypatch.setattr(math_verify, "verify", lambda *a, **kw: time.sleep(3) or True)
+    node = OmegaConf.load(REPO / "configs" / "reward" / "default.yaml")
+    node.timeout_s = 0.3
+    reward = build_reward(node)
+    t0 = time.monotonic()
+    result = reward([r"\boxed{1}", r"\boxed{2}"], problems(2))
+    assert time.monotonic() - t0 < 1.5
+    assert result.timeouts == 2 and result.rewards.tolist() == [0.0, 0.0]
+
+
+def test_a_target_with_its_own_timeout_s_is_warned_that_the_key_is_not_passed_on(caplog):
+    with caplog.at_level("WARNING", logger="prerl.rewards.plugin"):
+        reward = build_reward({"_target_": "prerl.rewards.MathVerifyReward", "timeout_s": 2})
+    assert reward.timeout_s == 2.0 and reward.fn.timeout_s == 5.0
+    assert "not passed to prerl.rewards.MathVerifyReward" in caplog.text
+
+
+@pytest.mark.parametrize("value", [0, -1, "30s", True, float("inf"), float("nan")])
+def test_timeout_s_must_be_a_positive_number(value):
+    with pytest.raises(ValueError, match=r"reward\.timeout_s=.* is not allowed: a positive number of seconds"):
+        build_reward({"_target_": f"{HERE}.contains_answer", "timeout_s": value})
+
+
+def test_off_the_main_thread_no_limit_is_set_and_that_is_said_once(caplog):
+    reward = build_reward({"_target_": f"{HERE}.contains_answer", "timeout_s": 0.5})
+    out = []
+
+    def work():
+        for _ in range(2):
+            out.append(reward(["1"], problems(1)).rewards.tolist())
+
+    with caplog.at_level("WARNING", logger="prerl.rewards.plugin"):
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join(30)
+    assert out == [[1.0], [1.0]]
+    assert caplog.text.count("off the main thread") == 1
+
+
+def test_sigterm_stops_a_sleeping_reward_at_once_in_a_single_process_training_step():
+    reward = build_reward({"_target_": f"{HERE}.sleeps", "on_error": "zero"})  # no time limit needed
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+    preemption.install()
+    try:
+        preemption.defer(True)  # inside the training loop
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(SIGTERMException):
+            reward(["1", "2"], problems(2))
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        timer.cancel()
+        preemption.uninstall()
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0.0
 
 
 # --------------------------------------------------------------- finding the module

@@ -151,6 +151,37 @@ def test_math_verify_genuinely_slow_expression_times_out():
     assert res.rewards.tolist() == [0.0, 1.0] and res.timeouts == 1
 
 
+class OuterLimit(BaseException):
+    pass
+
+
+class InnerLimit(BaseException):
+    pass
+
+
+def test_nested_time_limits_each_fire_on_time():
+    """reward.timeout_s around math-verify's per-response limit: whichever is due first fires first,
+    by its own exception, and both timers and the SIGALRM handler are restored afterwards."""
+    from prerl.rewards.time_limit import time_limit
+
+    handler = signal.getsignal(signal.SIGALRM)
+    t0 = time.monotonic()
+    with pytest.raises(OuterLimit):  # the enclosing limit is due first: it fires inside the inner block
+        with time_limit(0.3, OuterLimit), time_limit(5.0, InnerLimit):
+            time.sleep(3)
+    assert time.monotonic() - t0 < 1.5
+    t0 = time.monotonic()
+    with pytest.raises(OuterLimit):  # the inner one is due first; the enclosing one keeps its deadline
+        with time_limit(0.6, OuterLimit):
+            with pytest.raises(InnerLimit):
+                with time_limit(0.1, InnerLimit):
+                    time.sleep(3)
+            assert time.monotonic() - t0 < 0.5
+            time.sleep(3)
+    assert 0.5 < time.monotonic() - t0 < 1.5
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0.0 and signal.getsignal(signal.SIGALRM) is handler
+
+
 def test_math_verify_off_main_thread():
     out = {}
 

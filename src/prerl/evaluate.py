@@ -35,10 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
-from prerl.checkpointing import resolve_checkpoint
+from prerl.atomic_files import write_text_atomic
+from prerl.checkpointing import SHARDED_METADATA, resolve_checkpoint
 from prerl.data.prompts import resolve_context_ids
 from prerl.evaluation.records import RecordWriter, complete_chunks, read_records
 from prerl.evaluation.report import curve_of, format_table, log_to_loggers, plot_pass_at_k, set_summary
@@ -94,6 +96,20 @@ def _checkpoint_info(ckpt_path: str | None) -> dict | None:
     return {"path": str(path), "bytes": path.stat().st_size if path.is_file() else None}
 
 
+def _checkpoint_origin(ckpt_path: str | None) -> dict | None:
+    """What summary.json records of the checkpoint: its path, the run folder it came from (the one
+    holding its ``checkpoints/``; None for a checkpoint kept elsewhere) and its ``global_step``."""
+    if ckpt_path is None:
+        return None
+    path = Path(ckpt_path).resolve()
+    if path.is_dir():  # a sharded FSDP checkpoint: the step is in its metadata file
+        state = torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=False)
+    else:  # mmap: the pickled metadata is read, the tensors are not
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return {"path": str(path), "run": str(path.parent.parent) if path.parent.name == "checkpoints" else None,
+            "global_step": state.get("global_step")}
+
+
 def _settings(cfg: DictConfig, ckpt_path: str | None, sampling: Sampling, sets: list[EvalSet]) -> dict:
     """What decides the results (saved with the run; a resume must match it)."""
     rollout = cfg.module.get("rollout") or {}
@@ -127,7 +143,7 @@ def _check_settings(out: Path, settings: dict, resuming: bool) -> None:
             raise FileNotFoundError(f"resume_from={out}: no {SETTINGS_FILE} there; it is not an evaluation's folder "
                                     "(or the evaluation stopped before sampling anything: start it again)")
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2))
+        write_text_atomic(path, json.dumps(settings, indent=2))
         return
     if not resuming:
         raise FileExistsError(f"{out} already holds an evaluation ({SETTINGS_FILE}); to continue it pass "
@@ -193,6 +209,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     runs = Path(cfg.paths.log_dir) / cfg.get("checkpoints_of", cfg.task_name) / "runs"  # for ckpt_path=last
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir=runs)
+    checkpoint = _checkpoint_origin(ckpt_path)
     sampling = _sampling(cfg)
     batch_size = int(cfg.batch_size)
     if batch_size < 1:
@@ -250,7 +267,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             signal.signal(signal.SIGINT, sigint)
         for w in writers.values():
             w.close()
-        summary = _finish(cfg, out, sets, files, sampling, ckpt_path, status, error, trainer,
+        summary = _finish(cfg, out, sets, files, sampling, ckpt_path, checkpoint, status, error, trainer,
                           time.perf_counter() - started)
     if status == "interrupted":
         raise KeyboardInterrupt(f"evaluation interrupted; resume with: {summary['resume']}")
@@ -260,13 +277,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _finish(cfg: DictConfig, out: Path, sets: list[EvalSet], files: dict[str, Path], sampling: Sampling,
-            ckpt_path: str | None, status: str, error: str | None, trainer: L.Trainer, seconds: float) -> dict[str, Any]:
+            ckpt_path: str | None, checkpoint: dict | None, status: str, error: str | None, trainer: L.Trainer,
+            seconds: float) -> dict[str, Any]:
     summaries = _summaries(sets, files, sampling.samples)
     metrics = {f"{name}/{k}": v for name, s in summaries.items() for k, v in (s.get("metrics") or {}).items()}
     summary: dict[str, Any] = {
         "status": status,
         "output_dir": str(out),
         "ckpt_path": ckpt_path,
+        "checkpoint": checkpoint,  # {path, run, global_step}; None: the model's initial weights
         "model": getattr(cfg.model, "_target_", None),
         "sampling": asdict(sampling),
         "seed": int(cfg.seed),
@@ -290,11 +309,14 @@ def _finish(cfg: DictConfig, out: Path, sets: list[EvalSet], files: dict[str, Pa
         log_to_loggers(loggers, summaries)
     except Exception:  # noqa: BLE001
         log.warning("could not log the summary to the loggers", exc_info=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     table = format_table(summaries, sampling.samples)
     lines = [table, f"status={status}  ckpt_path={ckpt_path}  samples={sampling.samples}  T={sampling.temperature}  "
              f"top_p={sampling.top_p}  max_new_tokens={sampling.max_new_tokens}  time={seconds:.0f}s",
              f"output: {out}  (per-problem records in problems/, summary.json)"]
+    if checkpoint is not None:
+        run = checkpoint["run"] or "unknown: not in a run's checkpoints/"
+        lines.insert(1, f"evaluated {checkpoint['path']} (run {run}, step {checkpoint['global_step']})")
     if error:
         lines.append(f"error: {error}")
     if status != "completed":

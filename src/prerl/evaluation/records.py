@@ -8,8 +8,9 @@ One file per eval set, ``<run>/problems/<set>.jsonl``, one JSON object per probl
      "reward_timeouts": int, "reward_errors": int}
 
 Problems are sampled in fixed chunks (``batch_size`` problems, by index); the records of a chunk
-are appended together, flushed and fsynced. On resume only complete chunks are kept: a chunk cut
-short, or a truncated last line (the process was killed mid-write), is dropped and sampled again.
+are appended together and fsynced. On resume only complete chunks are kept: a chunk cut short, or
+a truncated last line (the process was killed mid-write, or the disk was full), is dropped and
+sampled again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from prerl.atomic_files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +33,19 @@ class CorruptRecordsError(ValueError):
 
 
 def read_records(path: Path) -> tuple[list[dict], bool]:
-    """The records of ``path`` (missing file: none) and whether a truncated last line was dropped.
+    """The records of ``path`` (missing file: none) and whether the file was cut mid-line (then it
+    must be rewritten before anything is appended).
 
     A line that is not JSON is an error naming the file and line, unless it is the last line and
-    the file does not end with a newline (a write cut short), which is dropped with a warning.
+    the file does not end with a newline (a write cut short), which is dropped with a warning. A
+    last line cut just before its newline is a whole record: it is kept.
     """
     path = Path(path)
     if not path.exists():
         return [], False
     raw = path.read_bytes()
     lines = raw.split(b"\n")
-    records, dropped = [], False
+    records = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -52,14 +57,14 @@ def read_records(path: Path) -> tuple[list[dict], bool]:
             if lineno == len(lines) and not raw.endswith(b"\n"):
                 log.warning("%s: line %d is cut short (an interrupted write): dropped, its chunk is sampled again",
                             path, lineno)
-                dropped = True
                 continue
             raise CorruptRecordsError(
                 f"{path}: line {lineno}: malformed record ({e}); this file is an evaluation's own output: delete the "
                 "line (its chunk is then sampled again) or the file, then resume"
             ) from None
         records.append(rec)
-    return records, dropped
+    # Appending to a file without its final newline would glue the next record onto its last line.
+    return records, bool(raw) and not raw.endswith(b"\n")
 
 
 def complete_chunks(records: Iterable[dict], expected: dict[int, list[str]], path: Path) -> dict[int, list[dict]]:
@@ -85,7 +90,7 @@ def complete_chunks(records: Iterable[dict], expected: dict[int, list[str]], pat
 
 
 class RecordWriter:
-    """Appends the records of one set's chunks to its JSONL, flushed and fsynced per chunk."""
+    """Appends the records of one set's chunks to its JSONL, fsynced per chunk."""
 
     def __init__(self, path: Path, keep: list[dict] | None = None, rewrite: bool = False) -> None:
         """``keep``: records already there to keep (complete chunks); ``rewrite``: the file holds
@@ -93,23 +98,24 @@ class RecordWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if rewrite:
-            tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-            with tmp.open("w", encoding="utf-8") as f:
-                for rec in keep or []:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        self._file = None
+            write_text_atomic(self.path, _lines(keep or []))
+        self._fd: int | None = None
 
     def write(self, records: list[dict]) -> None:
-        if self._file is None:
-            self._file = self.path.open("a", encoding="utf-8")
-        self._file.write("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        # Unbuffered: a write that fails (a full disk) leaves at most a cut last line, which a resume
+        # drops, and no buffered rest that close() would append later.
+        data = memoryview(_lines(records).encode("utf-8"))
+        while data:
+            data = data[os.write(self._fd, data):]
+        os.fsync(self._fd)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _lines(records: list[dict]) -> str:
+    return "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..atomic_files import write_text_atomic
 from .lora import is_lora_model
 from .params import unwrap_policy
 from .quant import dense_weight, disable_cpu_inference_repacking, is_quantized, linear4bit_modules
@@ -255,7 +256,7 @@ def export_pretrained(
             "dtype": str(saved_dtype).removeprefix("torch.") if saved_dtype is not None else None,
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        write_text_atomic(tmp / EXPORT_MARKER, json.dumps(marker, indent=2) + "\n")
         _normal_permissions(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..atomic_files import write_text_atomic
 from .spec import ModelSpec
 from .tokenizer import IM_END, configure_chat_tokenizer
 
@@ -104,7 +105,7 @@ def convert_smollm2(out_dir: str | os.PathLike, *, overwrite: bool = False) -> P
             "dtype": "float32",
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        write_text_atomic(tmp / MARKER, json.dumps(marker, indent=2) + "\n")
         _normal_permissions(tmp)
         if overwrite and out.exists():
             shutil.rmtree(out)

@@ -4,7 +4,7 @@
 - :class:`ReasoningGymReward` -- extraction + the reasoning-gym task's own scorer.
 - :class:`DispatchReward`     -- routes by ``problem["verifier"]`` (the default reward).
 - :func:`build_reward`        -- ``cfg.reward`` -> checked callable; classes and plain functions
-                                 (user plug-ins, see docs/rewards.md), ``on_error``.
+                                 (user plug-ins, see docs/rewards.md), ``on_error``, ``timeout_s``.
 """
 
 from .dispatch import DispatchReward

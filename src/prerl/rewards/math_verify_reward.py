@@ -17,9 +17,9 @@ Protocol for one response:
 Timeouts. math-verify's own timeouts use ``signal.alarm`` with whole seconds and, with the
 default ``raise_on_error=False``, swallow the timeout and return False, so a caller cannot
 count them. We therefore switch math-verify's internal timers off and run the whole
-parse+verify of one response under OUR timer (``signal.setitimer``, sub-second resolution)
-that raises math-verify's ``TimeoutException`` (a ``BaseException``!). It is caught
-explicitly: reward 0 and ``timeouts += 1``.
+parse+verify of one response under OUR timer (``prerl.rewards.time_limit``: ``signal.setitimer``,
+sub-second resolution) that raises math-verify's ``TimeoutException`` (a ``BaseException``!).
+It is caught explicitly: reward 0 and ``timeouts += 1``.
 
 Off the main thread signals cannot be used. ``off_main_thread="no_timeout"`` (default) then
 verifies WITHOUT any time limit (a one-time warning is logged); ``"error"`` raises a
@@ -30,20 +30,17 @@ main thread of each process, where the timeout is active.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-import time
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 
 from .extraction import last_boxed
+from .time_limit import signals_usable, time_limit
 from .types import RewardResult, check_lengths
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MathVerifyReward", "TimeoutException", "time_limit", "signals_usable"]
+__all__ = ["MathVerifyReward", "TimeoutException"]
 
 
 try:
@@ -60,38 +57,6 @@ except ImportError as e:  # pragma: no cover - dependency is declared in pyproje
 # "Timeout is disabled ..." warning, which is about its internal timers that we switch off.
 _mv_grader.TIMEOUT_WARNING_SHOWN = True
 _mv_parser.TIMEOUT_WARNING_SHOWN = True
-
-
-def signals_usable() -> bool:
-    """True when a SIGALRM-based timer can be installed here (POSIX, main thread)."""
-    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-
-
-@contextmanager
-def time_limit(seconds: float | None, exc_type: type[BaseException]):
-    """Raise ``exc_type`` inside the block after ``seconds`` (main thread only).
-
-    No-op when ``seconds`` is None/<=0 or signals are unusable here. An outer ITIMER_REAL
-    (for example another alarm) is restored afterwards with the elapsed time subtracted.
-    """
-    if not seconds or seconds <= 0 or not signals_usable():
-        yield
-        return
-
-    def _handler(signum, frame):
-        raise exc_type(f"verification exceeded {seconds} s")
-
-    t0 = time.monotonic()
-    old_handler = signal.signal(signal.SIGALRM, _handler)
-    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, float(seconds))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_delay > 0:
-            remaining = max(old_delay - (time.monotonic() - t0), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
 
 
 class MathVerifyReward:

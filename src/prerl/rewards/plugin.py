@@ -8,13 +8,17 @@ arguments), and it trusts whatever the reward returns. :func:`build_reward` inst
 - ``_target_`` names any other callable, e.g. a FUNCTION ``fn(responses, problems, **kwargs)``:
   it is not called now; the other keys are bound as its keyword arguments (checked against its
   signature now, so a misspelt key fails before training starts);
-- ``on_error`` (``raise`` | ``zero``, default ``raise``) is consumed here, never passed on.
+- ``on_error`` (``raise`` | ``zero``, default ``raise``) and ``timeout_s`` (seconds, or None for
+  no limit) are consumed here, never passed on.
 
 The callable it returns, :class:`PluginReward`, checks every result (:class:`RewardResult`, or a
 list/tuple of numbers, a 1-D tensor or a numpy array of length N, all finite) and handles
 exceptions raised by the reward according to ``on_error``. Only ``Exception`` is handled:
-``KeyboardInterrupt``, ``SystemExit`` and math-verify's ``TimeoutException`` (a
-``BaseException``, handled inside :class:`MathVerifyReward`) pass through untouched.
+``KeyboardInterrupt``, ``SystemExit`` (Lightning's ``SIGTERMException`` included) and
+math-verify's ``TimeoutException`` (a ``BaseException``, handled inside :class:`MathVerifyReward`)
+pass through untouched. Each call of the reward is bounded by ``timeout_s`` (a call that exceeds
+it scores its responses 0, counted as timeouts) and, in a single-process training run, stopped at
+once by a SIGTERM (:func:`prerl.preemption.interruptible`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import functools
 import importlib
 import inspect
 import logging
+import math
 import numbers
 import os
 import sys
@@ -31,11 +36,15 @@ from typing import Any
 
 import torch
 
+from prerl import preemption
+
+from .time_limit import signals_usable, time_limit
 from .types import RewardResult, check_lengths
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_reward", "PluginReward", "RewardError", "RewardContractError", "ON_ERROR_MODES", "locate"]
+__all__ = ["build_reward", "PluginReward", "RewardError", "RewardContractError", "RewardTimeout", "ON_ERROR_MODES",
+           "locate"]
 
 ON_ERROR_MODES = ("raise", "zero")
 _HYDRA_FLAGS = ("_partial_", "_convert_", "_recursive_")  # Hydra's own keys; never kwargs of a function
@@ -48,6 +57,22 @@ class RewardError(RuntimeError):
 class RewardContractError(TypeError, ValueError):
     """A reward returned something other than one finite number per response (a bug in the reward,
     never scored 0 by ``on_error=zero``). Both a TypeError and a ValueError."""
+
+
+class RewardTimeout(BaseException):
+    """A call of the reward exceeded ``reward.timeout_s``. A BaseException, like KeyboardInterrupt,
+    so that neither the reward's own ``except Exception`` nor ``on_error`` takes it for an error;
+    only :class:`PluginReward` catches it."""
+
+
+def check_timeout(value: Any) -> float | None:
+    """``reward.timeout_s`` as seconds (None: no limit); anything but a positive number is refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"reward.timeout_s={value!r} is not allowed: a positive number of seconds (the limit on "
+                         "each call of the reward), or null for no limit")
+    return float(value)
 
 
 def locate(target: str) -> Any:
@@ -123,7 +148,11 @@ def build_reward(node: Any) -> "PluginReward":
     on_error = spec.pop("on_error", "raise")
     if on_error not in ON_ERROR_MODES:
         raise ValueError(f"reward.on_error={on_error!r}; choose one of {ON_ERROR_MODES}")
+    timeout_s = check_timeout(spec.pop("timeout_s", None))
     obj = locate(target)
+    if timeout_s is not None and _takes_timeout(obj):
+        log.warning("reward.timeout_s=%s limits each call of the whole reward; it is not passed to %s, whose own "
+                    "timeout_s argument keeps its default", timeout_s, target)
 
     if inspect.isclass(obj):
         import hydra.utils
@@ -145,7 +174,14 @@ def build_reward(node: Any) -> "PluginReward":
         fn = functools.partial(obj, **spec) if spec else obj
     else:
         raise TypeError(f"reward._target_={target!r} is a {type(obj).__name__}, not a class or function")
-    return PluginReward(fn, target=target, on_error=on_error)
+    return PluginReward(fn, target=target, on_error=on_error, timeout_s=timeout_s)
+
+
+def _takes_timeout(obj: Any) -> bool:
+    try:
+        return "timeout_s" in inspect.signature(obj).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 def _has_target(value: Any) -> bool:
@@ -168,7 +204,7 @@ def _check_signature(fn: Callable, target: str, kwargs: dict) -> None:
         raise TypeError(
             f"reward {target}{sig} cannot be called as {target}(responses, problems"
             f"{''.join(f', {k}=...' for k in kwargs)}): {e}. The keys of cfg.reward other than "
-            "_target_ and on_error are passed as keyword arguments"
+            "_target_, on_error and timeout_s are passed as keyword arguments"
         ) from None
 
 
@@ -233,22 +269,46 @@ class PluginReward:
     exception chained) and ``on_error="zero"`` scores the failing samples 0 and counts them in
     ``RewardResult.errors``. A wrong return type, length or a non-finite value always raises:
     those are bugs in the reward, not in the sample.
+
+    With ``timeout_s``, each call of the reward (the batch, and each call of the re-scoring) that
+    runs longer scores all its responses 0 and counts them in ``RewardResult.timeouts``, with a
+    warning (main thread only: elsewhere no limit can be set, which is logged once).
     """
 
-    def __init__(self, fn: Callable, target: str, on_error: str = "raise") -> None:
+    def __init__(self, fn: Callable, target: str, on_error: str = "raise", timeout_s: float | None = None) -> None:
         if on_error not in ON_ERROR_MODES:
             raise ValueError(f"on_error={on_error!r}; choose one of {ON_ERROR_MODES}")
         self.fn = fn
         self.target = target
         self.on_error = on_error
+        self.timeout_s = check_timeout(timeout_s)
+        self._warned_thread = False
 
     def __call__(self, responses: list[str], problems: list[dict]) -> RewardResult:
         check_lengths(responses, problems)
         try:
-            out = self.fn(responses, problems)
+            out = self._call(responses, problems)
+        except RewardTimeout:
+            return self._timed_out(len(responses))
         except Exception as batch_error:  # noqa: BLE001 - BaseException (timeouts, Ctrl-C) passes through
             return self._rescore(responses, problems, batch_error)
         return _as_rewards(out, len(responses), self.target)
+
+    def _call(self, responses: list[str], problems: list[dict]) -> Any:
+        """One call of the reward: bounded by ``timeout_s``, and stopped by a SIGTERM in a
+        single-process training run (a hung reward would otherwise keep the run from stopping)."""
+        if self.timeout_s is not None and not signals_usable() and not self._warned_thread:
+            log.warning("reward %s called off the main thread: reward.timeout_s=%s cannot be applied there "
+                        "(signal.setitimer works on the main thread only); scoring without a time limit",
+                        self.target, self.timeout_s)
+            self._warned_thread = True
+        with preemption.interruptible(), time_limit(self.timeout_s, RewardTimeout):
+            return self.fn(responses, problems)
+
+    def _timed_out(self, n: int) -> RewardResult:
+        log.warning("reward %s exceeded reward.timeout_s=%s s on a call with %d response(s): scored 0 "
+                    "(counted in */reward_timeouts)", self.target, self.timeout_s, n)
+        return RewardResult(rewards=torch.zeros(n, dtype=torch.float32), timeouts=n, extracted=[None] * n)
 
     def _rescore(self, responses: list[str], problems: list[dict], batch_error: Exception) -> RewardResult:
         """Score sample by sample after the batch call raised ``batch_error``."""
@@ -256,7 +316,9 @@ class PluginReward:
         failures: list[tuple[int, Exception]] = []
         for i, (response, problem) in enumerate(zip(responses, problems)):
             try:
-                results.append(_as_rewards(self.fn([response], [problem]), 1, self.target))
+                results.append(_as_rewards(self._call([response], [problem]), 1, self.target))
+            except RewardTimeout:
+                results.append(self._timed_out(1))
             except RewardContractError:
                 raise  # a bug in the reward, not a failing sample
             except Exception as e:  # noqa: BLE001
@@ -301,7 +363,8 @@ class PluginReward:
     def __repr__(self) -> str:
         inner = self.fn if not inspect.isfunction(self.fn) and not isinstance(self.fn, functools.partial) else self.target
         kwargs = f", kwargs={self.fn.keywords}" if isinstance(self.fn, functools.partial) else ""
-        return f"PluginReward({inner}{kwargs}, on_error={self.on_error!r})"
+        limit = f", timeout_s={self.timeout_s}" if self.timeout_s is not None else ""
+        return f"PluginReward({inner}{kwargs}, on_error={self.on_error!r}{limit})"
 
 
 def _start(response: str, n: int = 80) -> str:

@@ -32,6 +32,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from prerl.atomic_files import write_text_atomic
 from prerl.study.results import eval_metric, load_curves
 from prerl.study.spec import BEST_PREFIX, Run, Study, first_runs
 
@@ -129,10 +130,11 @@ def _collect(study: Study, run: Run, trained: Path | None, evaluated: Path, seco
         for attempt in attempts:  # a continued run's later attempt wins on the steps it redid
             for key, points in load_curves(attempt).items():
                 curves.setdefault(key, {}).update(points)
-        (dest / "curves.json").write_text(json.dumps({k: {str(s): v for s, v in sorted(p.items())}
-                                                      for k, p in sorted(curves.items())}))
-    (dest / "done.json").write_text(json.dumps({"run": run.id, "arm": run.arm, "seed": run.seed,
-                                                "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+        write_text_atomic(dest / "curves.json", json.dumps({k: {str(s): v for s, v in sorted(p.items())}
+                                                             for k, p in sorted(curves.items())}))
+    done = {"run": run.id, "arm": run.arm, "seed": run.seed, "seconds": seconds,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_text_atomic(dest / "done.json", json.dumps(done, indent=2))  # written last: the run is collected
     return dest
 
 
