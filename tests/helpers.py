@@ -119,16 +119,32 @@ class FailingRandomReward:
 
 class SignalAt(L.Callback):
     """A callback that sends this process ``signal`` at the start of the batch after ``step`` updates
-    (SIGKILL: the process dies on the spot, as under the OOM killer)."""
+    (SIGKILL: the process dies on the spot, as under the OOM killer). ``group``: to every process
+    of its process group (all ranks, as SLURM and ``timeout`` do), from rank 0. ``rank``: only that
+    rank signals itself. ``once``: a file that marks the signal as sent, so a requeued run with the
+    same settings is not signalled again."""
 
-    def __init__(self, step: int = 1, signal: str = "SIGTERM"):
+    def __init__(self, step: int = 1, signal: str = "SIGTERM", group: bool = False, rank: int | None = None,
+                 once: str | None = None):
         import signal as signals
 
         self.step = int(step)
         self.signum = getattr(signals, signal)
+        self.group = group
+        self.rank = 0 if group else rank
+        self.once = once
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         import os
+        from pathlib import Path
 
-        if trainer.global_step == self.step:
+        if trainer.global_step != self.step or self.rank not in (None, trainer.global_rank):
+            return
+        if self.once is not None:
+            if Path(self.once).exists():
+                return
+            Path(self.once).touch()
+        if self.group:
+            os.killpg(os.getpgid(0), self.signum)
+        else:
             os.kill(os.getpid(), self.signum)

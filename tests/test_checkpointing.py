@@ -41,9 +41,9 @@ def test_atomic_save_keeps_previous_checkpoint_when_killed_mid_write(tmp_path, m
 def test_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
     io = AtomicCheckpointIO()
     old, new = tmp_path / "step00002.ckpt", tmp_path / "last.ckpt"
-    io.save_checkpoint({"step": 2, "w": torch.randn(1000)}, old)
+    io.save_checkpoint({"global_step": 2, "prerl_state": {}, "state_dict": {"w": torch.randn(1000)}}, old)
     time.sleep(0.05)
-    io.save_checkpoint({"step": 4, "w": torch.randn(1000)}, new)
+    io.save_checkpoint({"global_step": 4, "prerl_state": {}, "state_dict": {"w": torch.randn(1000)}}, new)
     assert is_valid_checkpoint(new) and resolve_checkpoint(tmp_path) == str(new)
     data = new.read_bytes()
     new.write_bytes(data[: len(data) // 2])  # e.g. a copy interrupted by a full disk

@@ -15,7 +15,7 @@ from prerl.checkpointing import resolve_checkpoint
 def ckpt(path: Path, mtime: float, valid: bool = True) -> Path:
     """A checkpoint file with a given modification time (a truncated one when not valid)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": int(mtime)}, path)
+    torch.save({"global_step": int(mtime), "state_dict": {"w": torch.zeros(1)}, "prerl_state": {"phase": 0}}, path)
     if not valid:
         path.write_bytes(path.read_bytes()[:40])
     os.utime(path, (mtime, mtime))
@@ -51,7 +51,7 @@ def test_a_run_folder_stands_for_its_checkpoints_folder(runs):
 
 def test_a_run_folder_without_valid_checkpoints_says_where_it_looked(runs):
     run = runs / "2026-12-01_10-00-00_bbbbbb"
-    with pytest.raises(FileNotFoundError, match=r"no valid checkpoint in .*bbbbbb/checkpoints \(1 invalid"):
+    with pytest.raises(FileNotFoundError, match=r"no valid checkpoint in .*bbbbbb/checkpoints \(1 invalid or weightless"):
         resolve_checkpoint(run)
 
 
@@ -69,7 +69,7 @@ def test_last_with_no_valid_checkpoint_anywhere(tmp_path):
     runs = tmp_path / "runs"
     ckpt(runs / "a" / "checkpoints" / "last.ckpt", 1_000, valid=False)
     (runs / "b").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no valid checkpoint in any run folder of .*runs"):
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no usable checkpoint in any run folder of .*runs"):
         resolve_checkpoint("last", runs_dir=runs)
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: .*does not exist"):
         resolve_checkpoint("last", runs_dir=tmp_path / "no_runs_yet")
@@ -84,3 +84,13 @@ def test_none_and_missing_paths():
     assert resolve_checkpoint(None) is None
     with pytest.raises(FileNotFoundError, match="nope.ckpt does not exist"):
         resolve_checkpoint("/nonexistent/nope.ckpt")
+
+
+def test_a_checkpoint_without_weights_is_never_used(runs):
+    folder = runs / "2026-12-01_08-00-00_aaaaaa" / "checkpoints"
+    weightless = folder / "step00009.ckpt"
+    torch.save({"global_step": 9, "state_dict": {}, "prerl_state": {"phase": 0}}, weightless)
+    os.utime(weightless, (5_000, 5_000))  # the newest of all
+    assert resolve_checkpoint(folder) == str(folder / "step00004.ckpt")
+    assert resolve_checkpoint(weightless) == str(folder / "step00004.ckpt")  # its newest usable sibling
+    assert resolve_checkpoint("last", runs_dir=runs) == str(folder / "step00004.ckpt")

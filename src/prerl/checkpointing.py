@@ -3,8 +3,9 @@
 - ``AtomicCheckpointIO`` writes ``<name>.tmp`` and renames it, so a process killed mid-save
   leaves the previous file intact and never a truncated one under the final name.
 - ``resolve_checkpoint`` turns ``ckpt_path`` (a file, a folder of checkpoints, a run folder or
-  ``last``) into the newest checkpoint that passes ``is_valid_checkpoint``, skipping truncated or
-  corrupt ones.
+  ``last``) into the newest checkpoint that passes ``is_valid_checkpoint`` and holds weights,
+  skipping truncated, corrupt or weightless ones (and, for ``last``, those a caller's ``accept``
+  refuses: another model's).
 - ``capture_rng_state`` / ``restore_rng_state`` carry python, numpy and torch (CPU and CUDA)
   generators, so sampling after a resume continues exactly where it stopped.
 - ``rewind_to_previous_batch_end`` makes a checkpoint written inside a failed batch resume at
@@ -18,7 +19,7 @@ import os
 import random
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,6 +64,31 @@ def is_valid_checkpoint(path: str | Path) -> bool:
         return False
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The ``global_step`` a checkpoint was written at, read without loading its tensors."""
+    path = Path(path)
+    try:
+        state = torch.load(path / SHARDED_METADATA if path.is_dir() else path, map_location="cpu",
+                           mmap=not path.is_dir(), weights_only=False)
+    except Exception:  # noqa: BLE001 - unreadable: no step to report
+        return None
+    return int(state["global_step"]) if "global_step" in state else None
+
+
+def holds_weights(path: str | Path) -> bool:
+    """True if a checkpoint file holds a PreRLModule's state and at least one tensor of weights (a
+    run that failed before building its model once wrote an 18 KB checkpoint without any). A
+    sharded folder's weights are in its shards: True."""
+    path = Path(path)
+    if path.is_dir():
+        return True
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # noqa: BLE001 - unreadable is not usable
+        return False
+    return "prerl_state" in state and bool(state.get("state_dict"))
+
+
 def _candidates(folder: Path) -> list[Path]:
     """The ``*.ckpt`` entries of ``folder`` (files, or sharded FSDP folders), newest first."""
     found = [p for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.startswith(".")]
@@ -72,15 +98,27 @@ def _candidates(folder: Path) -> list[Path]:
 LAST = "last"  # ckpt_path keyword: the newest valid checkpoint of this task's runs
 
 
-def _newest_valid(folder: Path, exclude: Path | None = None) -> tuple[Path | None, int]:
-    """(newest valid checkpoint in ``folder`` or None, number of invalid ones skipped)."""
+Accept = Callable[[Path], "str | None"]  # a reason to skip a checkpoint (e.g. another model's), or None
+
+
+def _problem(candidate: Path, accept: Accept | None) -> str | None:
+    if not is_valid_checkpoint(candidate):
+        return "truncated or corrupt"
+    if not holds_weights(candidate):
+        return "holds no weights"
+    return accept(candidate) if accept is not None else None
+
+
+def _newest_valid(folder: Path, exclude: Path | None = None, accept: Accept | None = None) -> tuple[Path | None, int]:
+    """(newest usable checkpoint in ``folder`` or None, number of unusable ones skipped)."""
     skipped = 0
     for candidate in _candidates(folder):
         if candidate == exclude:
             continue
-        if is_valid_checkpoint(candidate):
+        problem = _problem(candidate, accept)
+        if problem is None:
             return candidate, skipped
-        log.warning("skipping invalid checkpoint %s", candidate)
+        log.warning("skipping checkpoint %s: %s", candidate, problem)
         skipped += 1
     return None, skipped
 
@@ -91,8 +129,8 @@ def _checkpoint_folder(path: Path) -> Path:
     return sub if sub.is_dir() else path
 
 
-def _resolve_last(runs_dir: str | Path | None) -> str:
-    """``ckpt_path=last``: the newest valid checkpoint (by modification time) over every run folder
+def _resolve_last(runs_dir: str | Path | None, accept: Accept | None = None) -> str:
+    """``ckpt_path=last``: the newest usable checkpoint (by modification time) over every run folder
     in ``runs_dir``. Run folders without one (such as the new run's own, just created) are skipped."""
     if runs_dir is None:
         raise ValueError(
@@ -109,21 +147,23 @@ def _resolve_last(runs_dir: str | Path | None) -> str:
         if not folder.is_dir():
             continue
         looked += 1
-        found, n_bad = _newest_valid(folder)
+        found, n_bad = _newest_valid(folder, accept=accept)
         skipped += n_bad
         if found is not None and (best is None or found.stat().st_mtime > best.stat().st_mtime):
             best = found
     if best is None:
         raise FileNotFoundError(
-            f"ckpt_path=last: no valid checkpoint in any run folder of {runs_dir} "
+            f"ckpt_path=last: no usable checkpoint in any run folder of {runs_dir} "
             f"({looked} run folder(s) with a checkpoints/ subfolder"
-            f"{f', {skipped} invalid checkpoint(s) skipped' if skipped else ''}); nothing to resume"
+            f"{f', {skipped} checkpoint(s) skipped: corrupt, weightless or of another model' if skipped else ''}); "
+            "nothing to resume"
         )
-    log.info("ckpt_path=last: resuming from %s", best)
+    log.info("ckpt_path=last: %s (step %s)", best, checkpoint_step(best))
     return str(best)
 
 
-def resolve_checkpoint(ckpt_path: str | Path | None, runs_dir: str | Path | None = None) -> str | None:
+def resolve_checkpoint(ckpt_path: str | Path | None, runs_dir: str | Path | None = None,
+                       accept: Accept | None = None) -> str | None:
     """The checkpoint to resume from (a path string for ``Trainer.fit(ckpt_path=...)``), or None.
 
     ``ckpt_path`` may be:
@@ -133,26 +173,26 @@ def resolve_checkpoint(ckpt_path: str | Path | None, runs_dir: str | Path | None
       - a folder of checkpoints: its newest valid one (by modification time);
       - a run folder (``logs/<task>/runs/<run>``): the newest valid one in its ``checkpoints/``;
       - ``"last"``: the newest valid checkpoint over all run folders in ``runs_dir``
-        (``logs/<task>/runs``), skipping runs that have none.
-    Nothing valid found: FileNotFoundError saying where it looked.
+        (``logs/<task>/runs``), skipping runs that have none and checkpoints ``accept`` refuses.
+    Checkpoints without weights are never used. Nothing found: FileNotFoundError saying where it looked.
     """
     if ckpt_path is None:
         return None
     if str(ckpt_path) == LAST:
-        return _resolve_last(runs_dir)
+        return _resolve_last(runs_dir, accept)
     path = Path(ckpt_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path {path} does not exist")
     if path.is_dir() and not (path / SHARDED_METADATA).is_file():
         folder, exclude = _checkpoint_folder(path), None
-    elif is_valid_checkpoint(path):
+    elif (problem := _problem(path, None)) is None:
         return str(path)
     else:
         folder, exclude = path.parent, path
-        log.warning("checkpoint %s is truncated or corrupt; looking for the newest valid one in %s", path, folder)
+        log.warning("checkpoint %s %s; looking for the newest usable one in %s", path, problem, folder)
     found, skipped = _newest_valid(folder, exclude)
     if found is None:
-        what = f"{skipped} invalid checkpoint(s)" if skipped else "no *.ckpt checkpoint"
+        what = f"{skipped} invalid or weightless checkpoint(s)" if skipped else "no *.ckpt checkpoint"
         raise FileNotFoundError(f"no valid checkpoint in {folder} ({what}; from ckpt_path={ckpt_path})")
     log.info("resuming from %s", found)
     return str(found)

@@ -26,11 +26,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from prerl import preemption
+from prerl.atomic_files import write_text_atomic
 from prerl.callbacks import FaultCheckpoint
-from prerl.checkpointing import resolve_checkpoint
+from prerl.checkpointing import checkpoint_step, is_valid_checkpoint, resolve_checkpoint
 from prerl.module import check_phases
 from prerl.rewards import build_reward
-from prerl.run_folder import claim_run_folder, run_name
+from prerl.run_folder import RESTORED, earlier_incarnation, run_folder_of, run_name, saved_config
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,35 @@ def runs_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.log_dir) / cfg.task_name / "runs"
 
 
+def same_model(cfg: DictConfig):
+    """For ``ckpt_path=last``: refuse the checkpoints of runs whose recorded model config differs
+    from this run's (their weights would not load, or would be another model's)."""
+    model = OmegaConf.to_container(cfg.model, resolve=False)
+
+    def accept(ckpt: Path) -> str | None:
+        run = run_folder_of(str(ckpt))
+        saved = saved_config(run) if run is not None else None
+        if saved is not None and saved.get("model") != model:
+            return f"its run ({run.name}) trained another model config"
+        return None
+
+    return accept
+
+
+def resume_point(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint this run starts from: ``ckpt_path`` if given; else, for a requeued run that
+    continues in its own folder (the same ``PRERL_RUN_ID``), that folder's newest checkpoint."""
+    if cfg.get("ckpt_path") is not None:
+        return resolve_checkpoint(cfg.ckpt_path, runs_dir=runs_dir(cfg), accept=same_model(cfg))
+    own = output_dir / "checkpoints"
+    if own.is_dir() and any(is_valid_checkpoint(p) for p in own.glob("*.ckpt")):
+        found = resolve_checkpoint(output_dir)
+        log.warning("continuing run %s in its own folder from %s (step %s)", output_dir.name, found,
+                    checkpoint_step(found))
+        return found
+    return None
+
+
 def saved_training_state(ckpt_path: str) -> dict:
     """The ``prerl_state`` of a checkpoint, read without loading its tensors (mmap; the metadata
     file of a sharded folder)."""
@@ -151,13 +182,14 @@ def _val_metrics(results: list[dict]) -> dict[str, float]:
 def format_summary(summary: dict) -> str:
     """A small before/after table for the console."""
     keys = sorted(set(summary.get("before", {})) | set(summary.get("after", {})))
-    lines = ["", "=" * 64, f"{'metric':<28}{'before':>12}{'after':>12}{'change':>12}", "-" * 64]
+    lines = ["", "=" * 64] + ([f"{'metric':<28}{'before':>12}{'after':>12}{'change':>12}", "-" * 64] if keys else [])
     for key in keys:
         before, after = summary.get("before", {}).get(key), summary.get("after", {}).get(key)
         fmt = lambda v: f"{v:12.4f}" if v is not None else f"{'-':>12}"  # noqa: E731
         change = fmt(after - before) if before is not None and after is not None else f"{'-':>12}"
         lines.append(f"{key:<28}{fmt(before)}{fmt(after)}{change}")
-    lines.append("-" * 64)
+    if keys:
+        lines.append("-" * 64)
     lines.append(
         f"status={summary['status']}  steps={summary['global_step']}  phase={summary['final_phase']}  "
         f"train_time={summary['train_seconds']:.0f}s  output={summary['output_dir']}"
@@ -165,7 +197,11 @@ def format_summary(summary: dict) -> str:
     if summary.get("error"):
         lines.append(f"error: {summary['error']}")
     if summary.get("checkpoint"):
-        lines.append(f"resume with: ckpt_path={summary['checkpoint']}")
+        if summary["status"] == "completed":
+            lines.append(f"final weights (step {summary['checkpoint_step']}): {summary['checkpoint']}")
+        else:
+            lines.append(f"resume with: ckpt_path={summary['output_dir']}  (checkpoint of step "
+                         f"{summary['checkpoint_step']})")
     lines.append("=" * 64)
     return "\n".join(lines)
 
@@ -175,12 +211,39 @@ def _fault_callback(trainer: L.Trainer | None) -> FaultCheckpoint | None:
     return next((c for c in callbacks if isinstance(c, FaultCheckpoint)), None)
 
 
+def _newest_checkpoint(trainer: L.Trainer) -> tuple[str, int] | None:
+    """(path, step) of the newest checkpoint this run wrote: the fault callback's (final, pre-empted,
+    interrupted, failed) or the periodic callback's ``last.ckpt``."""
+    found = []
+    fault = _fault_callback(trainer)
+    if fault is not None and fault.saved is not None:
+        found.append((str(fault.saved), fault.saved_step))
+    periodic = trainer.checkpoint_callback
+    step = getattr(periodic, "_last_global_step_saved", 0) if periodic is not None else 0
+    if step and (periodic.last_model_path or periodic.best_model_path):
+        found.append((periodic.last_model_path or periodic.best_model_path, step))
+    return max(found, key=lambda item: item[1]) if found else None
+
+
+def check_hardware(cfg: DictConfig) -> None:
+    """A GPU trainer on a machine without one: one line naming the CPU alternatives."""
+    if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        strategy = cfg.trainer.get("strategy")
+        fsdp = isinstance(strategy, DictConfig) and "FSDP" in str(strategy.get("_target_", ""))
+        raise ValueError(
+            f"trainer.accelerator={cfg.trainer.accelerator} but this machine has no CUDA GPU; on a CPU use "
+            + ("trainer=fsdp_cpu (the same FSDP code path on 2 CPU processes)" if fsdp else
+               "trainer=cpu (or trainer=ddp_sim for 2 processes)"))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job; return the summary (also written to summary.json).
 
     ``summary["status"]`` is ``completed``, ``preempted`` (SIGTERM: a checkpoint of the step under
     way was saved) or ``interrupted`` (Ctrl-C); a failed run writes its summary with status
-    ``failed`` and the error, logs the traceback, and re-raises.
+    ``failed`` and the error, logs the traceback (to the log file), and re-raises. A run whose
+    folder holds an earlier incarnation of itself (a requeued job with the same ``PRERL_RUN_ID``)
+    continues from that folder's newest checkpoint.
     """
     # ModelCheckpoint warns (with a block of example code) about modules that keep pre-update
     # weights for manual optimization; this module checkpoints after its update on purpose.
@@ -188,18 +251,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, at every step: not ours to fix.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     output_dir = Path(cfg.paths.output_dir)
-    if rank_zero_only.rank == 0:
-        claim_run_folder(output_dir)
+    for note in RESTORED:
+        log.warning(note)
+    earlier = earlier_incarnation(output_dir) or {}
     summary: dict[str, Any] = {
         "status": "running", "tags": list(cfg.get("tags", [])), "output_dir": str(output_dir),
         "global_step": 0, "final_phase": 1, "train_seconds": 0.0, "train_metrics": {},
     }
+    if "before" in earlier:
+        summary["before"] = earlier["before"]
     trainer = module = None
     started = time.perf_counter()
+    preemption.install()
     try:
         L.seed_everything(cfg.seed, workers=True)
+        check_hardware(cfg)
         datamodule, module, trainer = build(cfg)
-        ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir=runs_dir(cfg))
+        preemption.take_over(trainer)
+        ckpt_path = resume_point(cfg, output_dir)
         if ckpt_path is not None:  # a mismatch fails now, not after the model is built
             check_phases(saved_training_state(ckpt_path), len(module.phases))
         for logger in trainer.loggers:
@@ -213,30 +282,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and not torch.isnan(v)
         }
         fault = _fault_callback(trainer)
-        summary["status"] = (fault.stop_reason if fault else None) or "completed"
+        summary["status"] = (fault.stop_reason if fault else None) or ("preempted" if preemption.requested()
+                                                                       else "completed")
         if summary["status"] == "completed" and cfg.get("validate_after"):
             summary["after"] = _val_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     except SIGTERMException:
         summary["status"] = "preempted"
-        log.warning("pre-empted (SIGTERM) at step %d", trainer.global_step)
+        log.warning("pre-empted (SIGTERM) at step %d", trainer.global_step if trainer else 0)
     except BaseException as err:
-        fault = _fault_callback(trainer)
-        stopped = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
-        summary["status"] = (fault.stop_reason if fault else None) or stopped
-        summary["error"] = f"{type(err).__name__}: {err}"
-        log.error("run %s at step %d", summary["status"], trainer.global_step if trainer else 0, exc_info=True)
-        raise
+        if preemption.requested() and not isinstance(err, KeyboardInterrupt):
+            # Another rank stopped on the same SIGTERM and this one's collective lost its peer.
+            summary["status"] = "preempted"
+            log.warning("pre-empted (SIGTERM) at step %d: %s", trainer.global_step if trainer else 0, err)
+        else:
+            fault = _fault_callback(trainer)
+            stopped = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
+            summary["status"] = (fault.stop_reason if fault else None) or stopped
+            summary["error"] = f"{type(err).__name__}: {err}"
+            log.error("run %s at step %d", summary["status"], trainer.global_step if trainer else 0, exc_info=True,
+                      extra={"file_only": True})
+            raise
     finally:
+        preemption.uninstall()
         if trainer is not None:
             summary["global_step"] = trainer.global_step
             summary["final_phase"] = module.phase + 1
-            fault = _fault_callback(trainer)
-            if fault is not None and fault.saved is not None:
-                summary["checkpoint"] = str(fault.saved)
+            newest = _newest_checkpoint(trainer)
+            if newest is not None:
+                summary["checkpoint"], summary["checkpoint_step"] = newest
         if not summary["train_seconds"]:
             summary["train_seconds"] = time.perf_counter() - started
         if rank_zero_only.rank == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            print(format_summary(summary), flush=True)
+            write_text_atomic(output_dir / "summary.json", json.dumps(summary, indent=2))
+            if summary["status"] != "failed" or summary["global_step"] > 0:  # a failure at set-up: one line
+                print(format_summary(summary), flush=True)
     return summary

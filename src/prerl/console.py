@@ -1,0 +1,37 @@
+"""What the console shows of an error: one line with its hint, last; the traceback goes to the
+run's log file (and to the console too with ``HYDRA_FULL_ERROR=1``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def full_errors() -> bool:
+    """``HYDRA_FULL_ERROR=1``: tracebacks on the console as well (Hydra's own switch)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+class FileOnly(logging.Filter):
+    """On a console handler: drop records logged with ``extra={"file_only": True}`` (a traceback
+    that the log file keeps), unless ``HYDRA_FULL_ERROR=1``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return full_errors() or not getattr(record, "file_only", False)
+
+
+def log_file() -> str | None:
+    """The run's log file (Hydra's file handler), if logging is set up."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return None
+
+
+def report_error(err: BaseException) -> int:
+    """Print ``error: <message>`` and where the traceback is, last on stderr; the exit code (1)."""
+    where = log_file()
+    print(f"\nerror: {type(err).__name__}: {err}" + (f"\n(traceback in {where}; HYDRA_FULL_ERROR=1 prints it here)"
+                                                     if where else ""), file=sys.stderr, flush=True)
+    return 1
