@@ -22,19 +22,29 @@ sys.path.insert(0, os.getcwd())  # user plug-ins (rewards, data sources) in the 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from prerl.console import full_errors, report_error  # noqa: E402
 from prerl.evaluate import evaluate  # noqa: E402  (also registers the resolver of hydra.run.dir)
 from prerl.evaluation.runner import EvaluationPreempted  # noqa: E402
+
+EXIT_CODE = 0
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "configs"), config_name="eval")
 def main(cfg: DictConfig) -> None:
+    # The exit happens after Hydra's run has ended (its callbacks release the run folder's lock).
+    global EXIT_CODE
     try:
         evaluate(cfg)
     except KeyboardInterrupt:
-        sys.exit(130)  # summary.json (status interrupted) and the resume command are already written
+        EXIT_CODE = 130  # summary.json (status interrupted) and the resume command are already written
     except EvaluationPreempted:
-        sys.exit(143)  # SIGTERM: as train.py, a distinct code so a scheduler requeues; summary.json says preempted
+        EXIT_CODE = 143  # SIGTERM: as train.py, a distinct code so a scheduler requeues; summary.json says preempted
+    except Exception as err:
+        if full_errors():
+            raise
+        EXIT_CODE = report_error(err)  # one line, last; the traceback is in the run's log file
 
 
 if __name__ == "__main__":
     main()
+    sys.exit(EXIT_CODE)

@@ -95,9 +95,10 @@ def test_sigterm_on_two_ranks_stops_together_saves_once_and_a_requeue_continues(
 
 
 @pytest.mark.slow
-def test_the_launcher_exits_143_after_a_group_sigterm(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])  # SIGUSR1: SLURM's --signal=USR1@<seconds>
+def test_the_launcher_exits_143_after_a_group_signal(tmp_path, signame):
     proc = _cli(tmp_path, "trainer=ddp_sim", "trainer.max_steps=6", "data.batch_size=4",
-                "+callbacks.signal={_target_: helpers.SignalAt, step: 1, signal: SIGTERM, group: true}")
+                f"+callbacks.signal={{_target_: helpers.SignalAt, step: 1, signal: {signame}, group: true}}")
     out = _finish(proc)
     assert proc.returncode == 143, out[-3000:]
     (run,) = (tmp_path / "smoke" / "runs").iterdir()

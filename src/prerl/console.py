@@ -29,8 +29,16 @@ def log_file() -> str | None:
     return None
 
 
+def log_traceback(err: BaseException, message: str) -> None:
+    """The traceback of ``err`` to the log file only (once: ``report_error`` then skips it)."""
+    logging.getLogger("prerl").error(message, exc_info=err, extra={"file_only": True})
+    err.prerl_logged = True
+
+
 def report_error(err: BaseException) -> int:
     """Print ``error: <message>`` and where the traceback is, last on stderr; the exit code (1)."""
+    if not getattr(err, "prerl_logged", False):
+        log_traceback(err, "failed")
     where = log_file()
     print(f"\nerror: {type(err).__name__}: {err}" + (f"\n(traceback in {where}; HYDRA_FULL_ERROR=1 prints it here)"
                                                      if where else ""), file=sys.stderr, flush=True)

@@ -41,12 +41,13 @@ from torch.utils.data import DataLoader
 
 from prerl.atomic_files import write_text_atomic
 from prerl.checkpointing import SHARDED_METADATA, resolve_checkpoint
+from prerl.console import log_traceback
 from prerl.data.prompts import resolve_context_ids
 from prerl.evaluation.records import RecordWriter, complete_chunks, read_records
 from prerl.evaluation.report import curve_of, format_table, log_to_loggers, plot_pass_at_k, set_summary
 from prerl.evaluation.runner import ChunkSampler, EvaluationPreempted, Sampling
 from prerl.evaluation.sets import EvalSet, output_name, resolve_eval_sets
-from prerl.train import build
+from prerl.train import build, same_model
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "disjoint eval_sets / limit ranges in separate runs"
         )
     runs = Path(cfg.paths.log_dir) / cfg.get("checkpoints_of", cfg.task_name) / "runs"  # for ckpt_path=last
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir=runs)
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), runs_dir=runs, accept=same_model(cfg))
     checkpoint = _checkpoint_origin(ckpt_path)
     sampling = _sampling(cfg)
     batch_size = int(cfg.batch_size)
@@ -260,7 +261,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         status, error = "preempted", str(err)
     except BaseException as err:
         status, error = "failed", f"{type(err).__name__}: {err}"
-        log.error("evaluation failed", exc_info=True)
+        log_traceback(err, "evaluation failed")
         raise
     finally:
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # Lightning ignores Ctrl-C once it caught one

@@ -1,4 +1,5 @@
-"""SIGTERM, the scheduler's pre-emption signal, handled the same way on every rank.
+"""SIGTERM, the scheduler's pre-emption signal, handled the same way on every rank (and SIGUSR1,
+the warning signal SLURM sends with ``#SBATCH --signal=USR1@<seconds>``, the same way).
 
 Lightning's own SIGTERM handler broadcasts a tensor from inside the signal handler. With the signal
 delivered to every process at once (SLURM, ``timeout``, ``kill -- -PGID``) each rank enters that
@@ -16,8 +17,11 @@ before anything is saved. This module replaces it with a handler that only recor
   not possible (the other ranks wait in the step's collectives): bound such code with a time
   limit (``reward.timeout_s``).
 
-The first SIGTERM is forwarded to the processes Lightning launched, so a signal sent to the launcher
-alone (``kill PID``, ``timeout``) still reaches every rank.
+The first signal is forwarded to the processes Lightning launched, so a signal sent to the launcher
+alone (``kill PID``, ``timeout``) still reaches every rank. Lightning's own SLURM auto-requeue (on
+SIGUSR1) is not used: it saves from inside the signal handler, in the middle of a step (not an
+exact resume point; a collective under FSDP); with this handler in place Lightning does not
+register it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class _State:
         self.single_process = True  # interruptible code may be stopped mid-step
         self.interruptible = 0      # depth of interruptible() sections under way
         self.forward: Callable[[int], None] | None = None
-        self.previous = None        # the handler before install()
+        self.previous: dict = {}    # the handlers before install()
 
 
 _state = _State()
@@ -54,27 +58,32 @@ def _on_sigterm(signum, frame) -> None:
     if first:
         # os.write, not logging: a handler must not take the logging lock the interrupted code may hold.
         when = "now" if now else "at the end of the step under way"
-        os.write(2, f"[pid {os.getpid()}] SIGTERM received: stopping {when}\n".encode())
+        os.write(2, f"[pid {os.getpid()}] {signal.Signals(signum).name} received: stopping {when}\n".encode())
         if _state.forward is not None:
             _state.forward(signum)
     if now:
         raise SIGTERMException()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 def install() -> None:
-    """Make SIGTERM a stop request for this process (main thread only; a no-op elsewhere)."""
+    """Make SIGTERM and SIGUSR1 stop requests for this process (main thread only; a no-op elsewhere)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    if previous is not _on_sigterm:
-        _state.previous = previous
+    for signum in STOP_SIGNALS:
+        previous = signal.signal(signum, _on_sigterm)
+        if previous is not _on_sigterm:
+            _state.previous[signum] = previous
 
 
 def uninstall() -> None:
-    """Restore the handler that ``install`` replaced and forget this run's request."""
+    """Restore the handlers that ``install`` replaced and forget this run's request."""
     global _state
-    if threading.current_thread() is threading.main_thread() and _state.previous is not None:
-        signal.signal(signal.SIGTERM, _state.previous)
+    if threading.current_thread() is threading.main_thread():
+        for signum, previous in _state.previous.items():
+            signal.signal(signum, previous)
     _state = _State()
 
 

@@ -30,6 +30,7 @@ from prerl import preemption
 from prerl.atomic_files import write_text_atomic
 from prerl.callbacks import FaultCheckpoint
 from prerl.checkpointing import checkpoint_step, is_valid_checkpoint, resolve_checkpoint
+from prerl.console import log_traceback
 from prerl.module import check_phases
 from prerl.rewards import build_reward
 from prerl.run_folder import RESTORED, earlier_incarnation, run_folder_of, run_name, saved_config
@@ -299,8 +300,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             stopped = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
             summary["status"] = (fault.stop_reason if fault else None) or stopped
             summary["error"] = f"{type(err).__name__}: {err}"
-            log.error("run %s at step %d", summary["status"], trainer.global_step if trainer else 0, exc_info=True,
-                      extra={"file_only": True})
+            log_traceback(err, f"run {summary['status']} at step {trainer.global_step if trainer else 0}")
             raise
     finally:
         preemption.uninstall()
