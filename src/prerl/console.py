@@ -35,11 +35,13 @@ def log_traceback(err: BaseException, message: str) -> None:
     err.prerl_logged = True
 
 
-def report_error(err: BaseException) -> int:
-    """Print ``error: <message>`` and where the traceback is, last on stderr; the exit code (1)."""
-    if not getattr(err, "prerl_logged", False):
+def report_error(err: BaseException, logged: bool = True) -> int:
+    """Print ``error: <message>`` and where the traceback is, last on stderr; the exit code (1).
+    ``logged``: the run's log file is set up (not yet in a Hydra callback before the run): the
+    traceback goes there, if it is not there already."""
+    if logged and not getattr(err, "prerl_logged", False):
         log_traceback(err, "failed")
-    where = log_file()
+    where = log_file() if logged else None
     print(f"\nerror: {type(err).__name__}: {err}" + (f"\n(traceback in {where}; HYDRA_FULL_ERROR=1 prints it here)"
                                                      if where else ""), file=sys.stderr, flush=True)
     return 1

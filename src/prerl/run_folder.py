@@ -156,6 +156,9 @@ def saved_config(run: Path) -> dict | None:
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
+RESUME_KEYS = ("ckpt_path", "resume_from")  # how a run continues (train, eval): not a different setting
+
+
 def check_reuse(folder: Path, config: dict) -> None:
     """A folder that already holds a run may be continued only by the same run, unfinished: one
     line, before anything is written, otherwise."""
@@ -170,7 +173,7 @@ def check_reuse(folder: Path, config: dict) -> None:
                                       f"(or resume from it in a new folder with ckpt_path={folder})")
     saved = saved_config(folder)
     if saved is not None:
-        differ = config_differences(saved, config, ignore=("ckpt_path",))
+        differ = config_differences(saved, config, ignore=RESUME_KEYS)
         if differ:
             raise RunFolderInUseError(
                 f"{folder} holds a run with other settings ({'; '.join(differ[:4])}"
@@ -268,7 +271,7 @@ class RunFolderCallback(_HydraCallback):
 
             if full_errors():
                 raise SystemExit(1) from err
-            raise SystemExit(report_error(err)) from None
+            raise SystemExit(report_error(err, logged=False)) from None  # nothing written yet: no log file
 
     def _start(self, config: DictConfig, config_name: str | None) -> None:
         restore_config(config, config_name)
