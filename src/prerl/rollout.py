@@ -12,6 +12,8 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation import CompileConfig
 
+from prerl.padding import end_at_first_eos, response_mask_from_ids  # noqa: F401  (response_mask_from_ids: public here too)
+
 
 @dataclass
 class Rollout:
@@ -54,25 +56,6 @@ class Rollout:
     @property
     def num_groups(self) -> int:
         return self.response_ids.shape[0] // self.group_size
-
-
-def response_mask_from_ids(
-    response_ids: torch.Tensor, eos_token_ids: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask each response through its first end token.
-
-    Args:
-        response_ids: (N, T) generated ids (whatever follows the first end token is padding).
-        eos_token_ids: ids that end a response.
-    Returns:
-        mask: (N, T) long, 1 up to and including the first end token (all 1 if none).
-        truncated: (N,) bool, True where no end token was generated.
-    """
-    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))
-    seen_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
-    mask = (~seen_before).long()
-    truncated = ~is_eos.any(dim=1)
-    return mask, truncated
 
 
 def eos_ids(generation_config: GenerationConfig, tokenizer) -> list[int]:
@@ -142,10 +125,7 @@ def generate(
         generation_config=config,
         synced_gpus=synced_gpus,
     )
-    response_ids = out[:, prompt_ids.shape[1] :]
-    mask, truncated = response_mask_from_ids(response_ids, eos_token_ids)
-    response_ids = response_ids.masked_fill(mask == 0, pad_token_id)
-    return response_ids, mask, truncated
+    return end_at_first_eos(out[:, prompt_ids.shape[1] :], eos_token_ids, pad_token_id)
 
 
 def decode(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
@@ -153,25 +133,4 @@ def decode(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -
     lengths = response_mask.sum(dim=1).tolist()
     return tokenizer.batch_decode(
         [row[:n].tolist() for row, n in zip(response_ids, lengths)], skip_special_tokens=True
-    )
-
-
-def concat_responses(
-    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack the outputs of several ``generate`` calls, right-padding to the longest.
-
-    Args:
-        pieces: (response_ids (n_i, T_i), response_mask (n_i, T_i), truncated (n_i,)) per call.
-    Returns:
-        response_ids (sum n_i, max T_i), response_mask (same), truncated (sum n_i,).
-    """
-    if len(pieces) == 1:
-        return pieces[0]
-    length = max(ids.shape[1] for ids, _, _ in pieces)
-    pad = lambda t, value: torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)  # noqa: E731
-    return (
-        torch.cat([pad(ids, pad_token_id) for ids, _, _ in pieces]),
-        torch.cat([pad(mask, 0) for _, mask, _ in pieces]),
-        torch.cat([trunc for _, _, trunc in pieces]),
     )

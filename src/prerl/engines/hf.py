@@ -8,7 +8,8 @@ import torch
 
 from prerl.engines.base import ENGINES, Generation
 from prerl.fsdp import generation_model
-from prerl.rollout import concat_responses, eos_ids, generate
+from prerl.padding import cat_right_padded, grouped_rows, trim_left_padding
+from prerl.rollout import eos_ids, generate
 
 
 @ENGINES.register("hf")
@@ -68,11 +69,9 @@ class HFEngine:
             with generation_model(policy) as model:
                 for start in range(0, prompt_ids.shape[0], chunk):
                     rows = order[start : start + chunk]
-                    width = int(prompt_mask[rows].sum(dim=1).max())
                     pieces.append(generate(
                         model,
-                        prompt_ids[rows, -width:],
-                        prompt_mask[rows, -width:],
+                        *trim_left_padding(prompt_ids[rows], prompt_mask[rows]),
                         num_samples=num_samples,
                         max_new_tokens=max_new_tokens,
                         temperature=temperature,
@@ -86,10 +85,6 @@ class HFEngine:
                     ))
         finally:
             policy.train(was_training)
-        ids, mask, truncated = concat_responses(pieces, self.tokenizer.pad_token_id)
-        # Back to the batch's order: row r of prompt p is at sorted position of p, times G, plus r.
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)
-        back = (inverse.repeat_interleave(num_samples) * num_samples
-                + torch.arange(num_samples, device=order.device).repeat(len(order)))
+        ids, mask, truncated = cat_right_padded(pieces, (self.tokenizer.pad_token_id, 0, False))
+        back = grouped_rows(order, num_samples)  # back to the batch's order
         return Generation(ids[back], mask[back], truncated[back])

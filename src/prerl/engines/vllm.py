@@ -72,6 +72,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from prerl.engines.base import Generation
+from prerl.padding import responses_from_lists, right_pad, unpad_prompts
 from prerl.rollout import eos_ids
 
 log = logging.getLogger(__name__)
@@ -558,7 +559,7 @@ class VLLMEngine:
         eos = eos_ids(getattr(unwrap_policy(policy), "generation_config", None), self.tokenizer)
         pad = self.tokenizer.pad_token_id
         greedy = temperature <= 0
-        prompts = [TokensPrompt(prompt_token_ids=row[mask.bool()].tolist()) for row, mask in zip(prompt_ids, prompt_mask)]
+        prompts = [TokensPrompt(prompt_token_ids=tokens) for tokens in unpad_prompts(prompt_ids, prompt_mask)]
         params = []
         for _ in prompts:
             params.append(SamplingParams(
@@ -591,23 +592,9 @@ class VLLMEngine:
 
     @staticmethod
     def _pack(rows: list[tuple[list[int], list[float]]], eos: list[int], pad: int, device) -> Generation:
-        """Token lists -> the HF engine's layout: right-padded with ``pad`` after the first end
-        token, mask through it, truncated where there is none."""
-        eos_set = set(eos)
-        cut = []
-        for tokens, lps in rows:
-            end = next((i for i, t in enumerate(tokens) if t in eos_set), None)
-            n = len(tokens) if end is None else end + 1
-            cut.append((tokens[:n], lps[:n], end is None))
-        width = max(1, max(len(t) for t, _, _ in cut))
-        ids = torch.full((len(cut), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(cut), width), dtype=torch.long)
-        logprobs = torch.zeros((len(cut), width), dtype=torch.float32)
-        for r, (tokens, lps, _) in enumerate(cut):
-            ids[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[r, : len(tokens)] = 1
-            logprobs[r, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
-        truncated = torch.tensor([t for _, _, t in cut], dtype=torch.bool)
+        """Token lists -> the HF engine's layout (prerl.padding), log-probs 0 after the first end token."""
+        ids, mask, truncated = responses_from_lists([t for t, _ in rows], eos, pad)
+        logprobs = right_pad([lp for _, lp in rows], 0.0, torch.float32)[:, : mask.shape[1]] * mask
         return Generation(ids.to(device), mask.to(device), truncated.to(device), logprobs.to(device))
 
     def close(self) -> None:
