@@ -31,7 +31,9 @@ def load(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="eval run folders (or their summary.json)")
-    parser.add_argument("--out", type=Path, default=Path("pass_at_k.png"), help="the PNG to write")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the PNG to write (default: pass_at_k_vs.png in the first run's folder, never the "
+                             "working directory)")
     parser.add_argument("--labels", default=None, help="comma-separated label per run (default: folder names)")
     parser.add_argument("--sets", default=None, help="comma-separated eval sets to plot (default: all)")
     parser.add_argument("--title", default=None)
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> Path:
         if not curves:
             sys.exit(f"{path}: no pass@k curve{' for ' + args.sets if args.sets else ''}")
         runs.append((label, curves))
-    out = plot_pass_at_k(runs, args.out, title=args.title)
+    first = args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent
+    out = plot_pass_at_k(runs, args.out or first / "pass_at_k_vs.png", title=args.title)
     print(f"wrote {out}")
     return out
 

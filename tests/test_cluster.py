@@ -91,6 +91,7 @@ def test_sigterm_on_two_ranks_stops_together_saves_once_and_a_requeue_continues(
     out = _finish(requeued)
     assert requeued.returncode == 0, out[-3000:]
     assert "continuing run job7 in its own folder" in (run / "smoke.log").read_text()
+    assert "not resumable" not in out and "the data position (epoch 0, batch " in (run / "smoke.log").read_text()
     assert _summary(run)["status"] == "completed" and _summary(run)["global_step"] == 6
     assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 6
 
@@ -199,6 +200,7 @@ def test_a_resume_from_a_run_folder_restores_that_runs_overrides(tmp_path):
     first = _cli(tmp_path, "objective=grpo", "trainer.max_steps=2")
     assert first.wait(timeout=240) == 0
     (run,) = (tmp_path / "smoke" / "runs").iterdir()
+    assert run.name.startswith("grpo-seed42-")  # named by what it runs
     resumed = _cli(tmp_path, "trainer.max_steps=3", f"ckpt_path={run}")  # objective=grpo not repeated
     out = _finish(resumed)
     assert resumed.returncode == 0, out[-3000:]

@@ -319,6 +319,8 @@ def test_plot_script_writes_a_png(tmp_path):
     spec.loader.exec_module(script)
     out = script.main([str(run), str(run / "summary.json"), "--labels", "base,again", "--out", str(tmp_path / "c.png")])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert script.main([str(run), str(run)]) == run / "pass_at_k_vs.png"  # by default in the run's folder, not the cwd
+    assert (run / "pass_at_k_vs.png").is_file() and not Path("pass_at_k_vs.png").exists()
 
 
 def test_eval_config_composes_with_every_new_data_config():

@@ -22,25 +22,30 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
-_RUN_NAME: str | None = None
+_STAMP: str | None = None
 LOCK_FILE = ".lock"
 HEARTBEAT_S = 30.0  # the lock's modification time is refreshed this often while the run lives
 STALE_AFTER_S = 120.0  # a lock of another host older than this belongs to a dead run
 
 
-def run_name() -> str:
-    """This process's run name: ``<YYYY-mm-dd_HH-MM-SS>_<6 hex digits>``, or ``$PRERL_RUN_ID``.
+def run_name(objective: str | None = None, switch_step: int | None = None, seed: int | None = None) -> str:
+    """This process's run folder name: ``$PRERL_RUN_ID`` if set, else what the run runs, then when:
+    ``<objective>[_S<switch step>]-seed<seed>-<YYYY-mm-dd_HH-MM-SS>_<6 hex digits>``, e.g.
+    ``dual_S8-seed42-2026-12-05_08-10-00_3fa2c1`` (no arguments: the time and id alone).
 
     The random suffix keeps two runs started in the same second apart. Processes launched by
     Lightning get the parent's folder from Lightning; processes of a torchrun / SLURM job compose
     their configs separately, so set ``PRERL_RUN_ID`` (e.g. to ``$SLURM_JOB_ID``) to give them one
-    folder; a requeued job with the same id continues in it. Computed once per process (Hydra
-    resolves the run folder more than once).
+    folder; a requeued job with the same id continues in it. The time and id are fixed once per
+    process (Hydra resolves the run folder more than once).
     """
-    global _RUN_NAME
-    if _RUN_NAME is None:
-        _RUN_NAME = os.environ.get("PRERL_RUN_ID") or f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
-    return _RUN_NAME
+    global _STAMP
+    if os.environ.get("PRERL_RUN_ID"):
+        return os.environ["PRERL_RUN_ID"]
+    if _STAMP is None:
+        _STAMP = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+    what = f"{objective}{f'_S{switch_step}' if switch_step is not None else ''}" if objective else ""
+    return "-".join(part for part in (what, f"seed{seed}" if seed is not None else "", _STAMP) if part)
 
 
 class RunFolderInUseError(RuntimeError):

@@ -31,6 +31,7 @@ from prerl.atomic_files import write_text_atomic
 from prerl.callbacks import FaultCheckpoint
 from prerl.checkpointing import checkpoint_step, is_valid_checkpoint, resolve_checkpoint
 from prerl.console import log_traceback
+from prerl.hparams import log_run_hparams
 from prerl.module import check_phases
 from prerl.rewards import build_reward
 from prerl.run_folder import RESTORED, earlier_incarnation, run_folder_of, run_name, saved_config
@@ -165,7 +166,8 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> str | None:
 
 def saved_training_state(ckpt_path: str) -> dict:
     """The ``prerl_state`` of a checkpoint, read without loading its tensors (mmap; the metadata
-    file of a sharded folder)."""
+    file of a sharded folder); its data position is logged (Lightning's own warning that the
+    dataloader is "not resumable" is silenced: PromptDataModule restores the position itself)."""
     path = Path(ckpt_path)
     if path.is_dir():
         state = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
@@ -173,6 +175,9 @@ def saved_training_state(ckpt_path: str) -> dict:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     if "prerl_state" not in state:
         raise KeyError(f"{ckpt_path} has no 'prerl_state': it was not written by PreRLModule")
+    position = state.get("PromptDataModule") or {}
+    log.info("resuming from %s at step %s; the data position (epoch %s, batch %s) and random state are restored",
+             ckpt_path, state.get("global_step"), position.get("epoch"), position.get("batches"))
     return state["prerl_state"]
 
 
@@ -251,6 +256,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
     # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, at every step: not ours to fix.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader object has a state_dict;
+    # PromptDataModule saves and restores the data position itself (resume = uninterrupted, tested).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     output_dir = Path(cfg.paths.output_dir)
     for note in RESTORED:
         log.warning(note)
@@ -272,8 +280,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = resume_point(cfg, output_dir)
         if ckpt_path is not None:  # a mismatch fails now, not after the model is built
             check_phases(saved_training_state(ckpt_path), len(module.phases))
-        for logger in trainer.loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if cfg.get("validate_before") and ckpt_path is None:  # a resumed run's "before" is its first run's
             summary["before"] = _val_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
         started = time.perf_counter()
@@ -315,6 +321,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if rank_zero_only.rank == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(output_dir / "summary.json", json.dumps(summary, indent=2))
+            if trainer is not None:
+                log_run_hparams(trainer, cfg, summary)
             if summary["status"] != "failed" or summary["global_step"] > 0:  # a failure at set-up: one line
                 print(format_summary(summary), flush=True)
     return summary
