@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .collate import collate_prompts
-from .prompts import encode_prompt, resolve_context_ids
+from .prompts import encode_chat, problem_messages, resolve_context_ids
 from .sampler import ResumableSampler
 from .sources import ReasoningGymSource, Source, to_plain
 from .splits import make_split_with_stats
@@ -66,6 +66,8 @@ class PromptDataModule(L.LightningDataModule):
         num_workers: DataLoader workers (0 = main process; data is in memory anyway).
         question_template: optional user-message template with a ``{question}`` field, e.g.
             ``"{question}\nPut your final answer within \\boxed{}."``; None = the question as is.
+            Problems with their own ``messages`` (verl-style files) are rendered as they are:
+            neither ``system_prompt`` nor ``question_template`` applies to them.
 
     After ``setup()``: ``train_problems``, ``val_problems``, ``context_ids``, ``pad_token_id``
     and ``stats`` (counts per split) are available. Batches: see :func:`collate_prompts`.
@@ -176,11 +178,13 @@ class PromptDataModule(L.LightningDataModule):
 
     def _tokenise(self, problems: list[dict], split: str, room: tuple[int, str, int] | None) -> tuple[list[dict], int]:
         items, too_long = [], []
+        own_chat = sum(bool(p.get("messages")) for p in problems)
+        if own_chat:
+            logger.info("%s: %d of %d problems bring their own chat (verl-style 'prompt'): rendered as they are, "
+                        "without data.system_prompt / data.question_template", split, own_chat, len(problems))
         for p in problems:
-            question = p["question"]
-            if self.question_template is not None:
-                question = self.question_template.replace("{question}", question)
-            ids = encode_prompt(self.tokenizer, question, self.system_prompt, self.chat_template_kwargs)
+            messages = problem_messages(p, self.system_prompt, self.question_template)
+            ids = encode_chat(self.tokenizer, messages, self.chat_template_kwargs)
             if self.max_prompt_length is not None and len(ids) > self.max_prompt_length:
                 too_long.append((p["id"], len(ids)))
                 continue

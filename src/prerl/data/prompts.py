@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["build_messages", "render_prompt", "encode_prompt", "resolve_context_ids", "IM_START"]
+__all__ = ["build_messages", "problem_messages", "render_chat", "encode_chat", "render_prompt", "encode_prompt",
+           "resolve_context_ids", "IM_START"]
 
 IM_START = "<|im_start|>"
 
@@ -19,13 +20,23 @@ def build_messages(question: str, system_prompt: str | None = None) -> list[dict
     return messages
 
 
-def render_prompt(
-    tokenizer: Any,
-    question: str,
-    system_prompt: str | None = None,
-    chat_template_kwargs: Mapping[str, Any] | None = None,
+def problem_messages(
+    problem: Mapping[str, Any], system_prompt: str | None = None, question_template: str | None = None
+) -> list[dict[str, str]]:
+    """The chat of one problem: its own ``messages`` as they are (verl-style data, system message
+    included), else [system_prompt, the question put into ``question_template``'s ``{question}``]."""
+    if problem.get("messages"):
+        return list(problem["messages"])
+    question = problem["question"]
+    if question_template is not None:
+        question = question_template.replace("{question}", question)
+    return build_messages(question, system_prompt)
+
+
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, str]], chat_template_kwargs: Mapping[str, Any] | None = None
 ) -> str:
-    """The prompt text: the tokenizer's chat template with ``add_generation_prompt=True``.
+    """The prompt text of a chat: the tokenizer's chat template with ``add_generation_prompt=True``.
 
     Note: some templates insert their own default system message when none is given
     (SmolLM2: "You are a helpful AI assistant named SmolLM, trained by Hugging Face").
@@ -36,11 +47,27 @@ def render_prompt(
             "tokenizer.apply_chat_template (set tokenizer.chat_template)"
         )
     return tokenizer.apply_chat_template(
-        build_messages(question, system_prompt),
-        tokenize=False,
-        add_generation_prompt=True,
-        **dict(chat_template_kwargs or {}),
+        messages, tokenize=False, add_generation_prompt=True, **dict(chat_template_kwargs or {})
     )
+
+
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, str]], chat_template_kwargs: Mapping[str, Any] | None = None
+) -> list[int]:
+    """Token ids of the rendered chat. The template text already holds any BOS/special tokens, so
+    no special tokens are added on top."""
+    text = render_chat(tokenizer, messages, chat_template_kwargs)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_prompt(
+    tokenizer: Any,
+    question: str,
+    system_prompt: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> str:
+    """The prompt text of one question (and system prompt); see :func:`render_chat`."""
+    return render_chat(tokenizer, build_messages(question, system_prompt), chat_template_kwargs)
 
 
 def encode_prompt(
@@ -49,10 +76,8 @@ def encode_prompt(
     system_prompt: str | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
-    """Token ids of the rendered prompt. The template text already holds any BOS/special tokens,
-    so no special tokens are added on top."""
-    text = render_prompt(tokenizer, question, system_prompt, chat_template_kwargs)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of the rendered prompt of one question; see :func:`encode_chat`."""
+    return encode_chat(tokenizer, build_messages(question, system_prompt), chat_template_kwargs)
 
 
 def resolve_context_ids(tokenizer: Any, marginal_context: str | Sequence[int] | None = None) -> list[int]:

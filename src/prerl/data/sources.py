@@ -6,9 +6,12 @@ A *problem* is a plain, JSON-serialisable dict::
      "question": str,
      "answer": str,        # gold answer as a string
      "verifier": "math" | "reasoning_gym",
-     "meta": dict}         # source specific; for reasoning-gym the generator's full entry
+     "meta": dict,         # source specific; for reasoning-gym the generator's full entry
+     "messages": list}     # only in problems that bring their own chat (verl-style files): the
+                           # prompt's messages as they are; "question" is then its last user message
 
-Sources do all file I/O in ``load()``; nothing is read afterwards.
+Sources do all file I/O in ``load()``; nothing is read afterwards (``FileSource.data_sources()``
+also reads its file, to name the eval sets of a verl-style file).
 """
 
 from __future__ import annotations
@@ -46,9 +49,14 @@ __all__ = [
     "PackagedDataset",
     "decimal_gold",
     "asdiv_gold",
+    "chat_messages",
+    "LAYOUTS",
 ]
 
 VERIFIERS = ("math", "reasoning_gym")
+LAYOUTS = ("auto", "fields", "verl")
+# Where verl-style files (verl, DAPO, the PreRL authors' data) keep the chat, the gold and the set name.
+VERL_MESSAGES, VERL_ANSWER, VERL_SOURCE = "prompt", "reward_model.ground_truth", "data_source"
 
 
 class Source:
@@ -76,8 +84,10 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def make_problem(id: str, question: str, answer: Any, verifier: str = "math", meta: dict | None = None) -> dict:
-    """Build and validate one problem dict."""
+def make_problem(id: str, question: str, answer: Any, verifier: str = "math", meta: dict | None = None,
+                 messages: list[dict] | None = None) -> dict:
+    """Build and validate one problem dict; ``messages`` (a chat, see :func:`chat_messages`) is
+    stored only when given."""
     if verifier not in VERIFIERS:
         raise ValueError(f"problem {id!r}: unknown verifier {verifier!r}; expected one of {VERIFIERS}")
     if not isinstance(question, str) or not question.strip():
@@ -85,13 +95,47 @@ def make_problem(id: str, question: str, answer: Any, verifier: str = "math", me
     shape = _not_one_answer(answer)
     if shape:
         raise ValueError(f"problem {id!r}: the answer is {shape}, not one value; give a string or a number")
-    return {
+    problem = {
         "id": str(id),
         "question": question,
         "answer": format_answer(answer),
         "verifier": verifier,
         "meta": dict(meta or {}),
     }
+    if messages is not None:
+        problem["messages"] = chat_messages(messages, f"problem {id!r}", "messages")
+    return problem
+
+
+def chat_messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+    """``value`` as a chat: a non-empty list of ``{"role": str, "content": str}`` with a user message
+    (other keys of a message are dropped). ValueError starting with ``where`` and naming ``field``."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: field {field!r} must be a non-empty list of chat messages "
+                         f"{{role, content}}, got {value!r:.80}")
+    messages = []
+    for i, m in enumerate(value):
+        if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: field '{field}.{i}' is not a chat message {{role: str, content: str}}: "
+                             f"{m!r:.80}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        raise ValueError(f"{where}: field {field!r} has no user message with text (roles "
+                         f"{[m['role'] for m in messages]})")
+    return messages
+
+
+def _looks_verl(record: Any) -> bool:
+    """A verl-style row: ``prompt`` is a list of {role, content} messages and ``reward_model.ground_truth`` exists."""
+    chat = record.get(VERL_MESSAGES) if isinstance(record, Mapping) else None
+    if not (isinstance(chat, list) and chat and all(isinstance(m, Mapping) and "role" in m and "content" in m
+                                                     for m in chat)):
+        return False
+    try:
+        _get_field(record, VERL_ANSWER)
+    except KeyError:
+        return False
+    return True
 
 
 def format_answer(answer: Any) -> str:
@@ -291,8 +335,21 @@ class FileSource(Source):
             permutation seeded with ``holdout_seed``; ``part="val"`` returns those, ``"train"``
             the others, ``"all"`` (default) every problem. Two sources with equal settings and
             parts "train" and "val" therefore never share a question.
+        layout: how a record holds its problem. ``"fields"``: ``question_field`` (or
+            ``question_template``) and ``answer_field``. ``"verl"`` (verl, DAPO and the PreRL
+            authors' Parquet files): ``prompt`` is the chat (a list of {role, content}, system
+            message included), stored as the problem's ``messages`` and rendered as it is (the
+            data config's system_prompt and question_template do not apply); the gold is
+            ``reward_model.ground_truth``; ``data_source`` (default: the file stem) names the
+            problems' set and prefixes their ids (``<data_source>/<record index>`` unless
+            ``id_prefix``/``id_field`` is given); ``question_field``/``answer_field`` are not
+            read. ``"auto"`` (default): ``"verl"`` when the first record has that layout and no
+            ``question_field`` (logged), else ``"fields"``.
+        data_source: keep only the records of this ``data_source`` (verl layout; the set name).
     Every other field of the record is kept in ``meta``. Ids stay ``<prefix>/<record index>``
-    in every part, so a problem has the same id whichever part it lands in.
+    in every part, so a problem has the same id whichever part it lands in. Repeated problems
+    (the same question in several records, as verl's ``*_20times`` files repeat each problem) are
+    counted and logged by ``load()``; the data module and evaluation use each problem once.
     """
 
     def __init__(
@@ -311,8 +368,17 @@ class FileSource(Source):
         holdout_seed: int = 0,
         part: Literal["all", "train", "val"] = "all",
         question_template: str | None = None,
+        layout: Literal["auto", "fields", "verl"] = "auto",
+        data_source: str | None = None,
     ) -> None:
         self.path = Path(os.fspath(path)).expanduser()
+        if layout not in LAYOUTS:
+            raise ValueError(f"FileSource({self.path}): layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        self.data_source = None if data_source is None else str(data_source)
+        if layout == "verl" and question_template:
+            raise ValueError(f"FileSource({self.path}): layout=verl takes the chat from 'prompt' as it is; "
+                             "question_template applies to layout=fields only")
         self.question_field = question_field
         self.question_template = question_template or None
         self._template_fields = (
@@ -344,6 +410,7 @@ class FileSource(Source):
             )
         self.answer_transform = answer_transform
         self.id_field = id_field
+        self._own_prefix = id_prefix is not None  # verl rows are otherwise prefixed by their data_source
         self.id_prefix = id_prefix if id_prefix is not None else self.path.stem
         self.name = f"file:{self.path}"
 
@@ -444,6 +511,7 @@ class FileSource(Source):
 
     def load(self) -> list[dict]:
         problems = self._load_all()
+        self._report_repeats(problems)
         if self.holdout:
             problems = self._select_part(problems)
         if self.size is not None:
@@ -454,9 +522,7 @@ class FileSource(Source):
         """The ``part`` of the seeded hold-out split (see the class docstring)."""
         from .splits import carve_val, dedupe
 
-        distinct, dropped = dedupe(problems)
-        if dropped:
-            logger.info("%s: %d duplicate question(s) dropped before the hold-out", self.path, dropped)
+        distinct, _ = dedupe(problems)
         if self.holdout >= len(distinct):
             raise ValueError(
                 f"FileSource({self.path}): holdout={self.holdout} leaves no training problems: the file has "
@@ -468,16 +534,74 @@ class FileSource(Source):
         train, val = carve_val(distinct, self.holdout, self.holdout_seed)
         return train if self.part == "train" else val
 
+    def _report_repeats(self, problems: list[dict]) -> None:
+        from .splits import find_repeats
+
+        rep = find_repeats(problems)
+        where = f"{self.path}" + (f" (data_source {self.data_source})" if self.data_source is not None else "")
+        if rep.most > 1:
+            logger.info("%s: %s; each problem is used once (evaluation samples it `samples` times: samples=%d "
+                        "matches the file's repeats)", where, rep.describe(), rep.most)
+        if rep.conflicts:
+            kept, other = rep.conflicts[0]
+            logger.warning("%s: %d repeated question(s) have different gold answers in their records (e.g. %s and %s); "
+                           "the first record's is used", where, len(rep.conflicts), kept, other)
+
+    def _uses_verl(self, first: Any, announce: bool) -> bool:
+        """Whether the records have the verl layout (``layout``; "auto" decides on the first record)."""
+        if self.layout != "auto":
+            return self.layout == "verl"
+        if self.question_template or not _looks_verl(first):
+            return False
+        try:
+            _get_field(first, self.question_field)
+            return False  # the configured question field exists: read the fields as asked
+        except KeyError:
+            pass
+        if announce:
+            logger.info(
+                "%s: verl-style layout (no %r field; 'prompt' is a chat): each record's messages are the prompt as "
+                "they are (system message included; the data config's system_prompt/question_template not applied), "
+                "gold = %s, set = %s; layout=fields reads question_field/answer_field instead",
+                self.path, self.question_field, VERL_ANSWER, VERL_SOURCE,
+            )
+        return True
+
+    def _source_name(self, rec: Mapping) -> str:
+        name = rec.get(VERL_SOURCE)
+        return str(name) if name not in (None, "") else self.path.stem
+
+    def data_sources(self) -> list[str] | None:
+        """The set names (``data_source``) of a verl-layout file, in order of first appearance (only
+        ``data_source`` when that is set); None for the fields layout. Reads the file."""
+        records = self._records(self._resolve_format())
+        if not self._uses_verl(records[0][1], announce=False):
+            return None
+        names = list(dict.fromkeys(self._source_name(rec) for _, rec in records if isinstance(rec, Mapping)))
+        if self.data_source is None:
+            return names
+        if self.data_source not in names:
+            raise ValueError(f"{self.path}: no record has data_source={self.data_source!r}; the file's: {names[:20]}")
+        return [self.data_source]
+
     def _load_all(self) -> list[dict]:
         fmt = self._resolve_format()
         transform = _ANSWER_TRANSFORMS[self.answer_transform]
+        records = self._records(fmt)
+        verl = self._uses_verl(records[0][1], announce=True)
+        if self.data_source is not None and not verl:
+            raise ValueError(f"FileSource({self.path}): data_source={self.data_source!r} selects records of a "
+                             "verl-layout file; this file is read with layout=fields")
+        answer_field = VERL_ANSWER if verl else self.answer_field
         problems = []
-        for idx, (where, rec) in enumerate(self._records(fmt)):
+        for idx, (where, rec) in enumerate(records):
             if not isinstance(rec, Mapping):
                 raise ValueError(f"{self.path}: {where}: expected a JSON object, got {type(rec).__name__}")
+            if self.data_source is not None and self._source_name(rec) != self.data_source:
+                continue
             values = {}
-            roles = (("answer", self.answer_field),) if self.question_template else (
-                ("question", self.question_field), ("answer", self.answer_field))
+            roles = (("answer", answer_field),) if self.question_template or verl else (
+                ("question", self.question_field), ("answer", answer_field))
             for role, field_name in roles:
                 try:
                     values[role] = _get_field(rec, field_name)
@@ -488,7 +612,11 @@ class FileSource(Source):
                     ) from None
                 if values[role] is None:
                     raise ValueError(f"{self.path}: {where}: {role} field {field_name!r} is null")
-            if self.question_template:
+            messages = None
+            if verl:
+                messages = chat_messages(rec.get(VERL_MESSAGES), f"{self.path}: {where}", VERL_MESSAGES)
+                question = [m["content"] for m in messages if m["role"] == "user"][-1]
+            elif self.question_template:
                 question = render_template(self.question_template, rec, f"{self.path}: {where}")
                 if not question.strip():
                     raise ValueError(f"{self.path}: {where}: question_template {self.question_template!r} gives an "
@@ -502,8 +630,8 @@ class FileSource(Source):
             if shape:
                 pick = "0 (its first element)" if isinstance(answer, list) else "<field>"
                 raise ValueError(
-                    f"{self.path}: {where}: answer field {self.answer_field!r} is {shape}, not one answer; store a "
-                    f"single value, or pick one in every record with answer_field={self.answer_field}.{pick}"
+                    f"{self.path}: {where}: answer field {answer_field!r} is {shape}, not one answer; store a "
+                    f"single value, or pick one in every record with answer_field={answer_field}.{pick}"
                 )
             if transform is not None:
                 try:
@@ -516,10 +644,19 @@ class FileSource(Source):
                 except KeyError:
                     raise KeyError(f"{self.path}: {where}: missing id field {self.id_field!r}") from None
             else:
-                pid = f"{self.id_prefix}/{idx}"
-            used = set(self._template_fields) if self.question_template else {self.question_field}
-            meta = {k: v for k, v in rec.items() if k not in used | {self.answer_field}}
-            problems.append(make_problem(pid, question, answer, self.verifier, meta))
+                prefix = self._source_name(rec) if verl and not self._own_prefix else self.id_prefix
+                pid = f"{prefix}/{idx}"
+            if verl:
+                used = {VERL_MESSAGES}
+            else:
+                question_fields = set(self._template_fields) if self.question_template else {self.question_field}
+                used = question_fields | {answer_field}
+            meta = {k: v for k, v in rec.items() if k not in used}
+            if verl:
+                meta[VERL_SOURCE] = self._source_name(rec)
+            problems.append(make_problem(pid, question, answer, self.verifier, meta, messages))
+        if not problems:
+            raise ValueError(f"{self.path}: no record has data_source={self.data_source!r}")
         return problems
 
     def __repr__(self) -> str:
@@ -527,7 +664,8 @@ class FileSource(Source):
             f"FileSource(path={str(self.path)!r}, question_field={self.question_field!r}, "
             f"question_template={self.question_template!r}, "
             f"answer_field={self.answer_field!r}, limit={self.limit}, size={self.size}, verifier={self.verifier!r}, "
-            f"holdout={self.holdout}, holdout_seed={self.holdout_seed}, part={self.part!r})"
+            f"holdout={self.holdout}, holdout_seed={self.holdout_seed}, part={self.part!r}, layout={self.layout!r}, "
+            f"data_source={self.data_source!r})"
         )
 
 

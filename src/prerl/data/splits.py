@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "normalize_question",
     "dedupe",
+    "find_repeats",
+    "Repeats",
     "carve_val",
     "make_split",
     "make_split_with_stats",
@@ -63,6 +65,44 @@ def dedupe(problems: list[dict]) -> tuple[list[dict], int]:
         seen.add(key)
         kept.append(p)
     return kept, len(problems) - len(kept)
+
+
+@dataclass
+class Repeats:
+    """How often each problem occurs in a list: ``rows`` problems hold ``distinct`` questions (the
+    key of :func:`dedupe`), one of them ``most`` times, one ``least`` times. ``conflicts``: (id kept,
+    id of a later problem with the same question but another gold answer)."""
+
+    rows: int
+    distinct: int
+    most: int
+    least: int
+    conflicts: list[tuple[str, str]]
+
+    def describe(self) -> str:
+        lead = f"{self.rows} records hold {self.distinct} distinct problems"
+        if self.most == 1:
+            return lead
+        each = f"{self.most}" if self.most == self.least else f"{self.least} to {self.most}"
+        return f"{lead}, each in {each} records"
+
+
+def find_repeats(problems: list[dict]) -> Repeats:
+    """Count the repeats of each question (verl's ``*_20times`` files hold every problem 20 times,
+    the way verl draws 20 samples per problem)."""
+    first: dict[str, dict] = {}
+    counts: dict[str, int] = {}
+    conflicts: list[tuple[str, str]] = []
+    for p in problems:
+        key = normalize_question(p["question"])
+        if key in first:
+            if p["answer"] != first[key]["answer"]:
+                conflicts.append((first[key]["id"], p["id"]))
+        else:
+            first[key] = p
+        counts[key] = counts.get(key, 0) + 1
+    values = list(counts.values()) or [0]
+    return Repeats(len(problems), len(counts), max(values), min(values), conflicts)
 
 
 def carve_val(problems: list[dict], val_size: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -12,19 +12,25 @@ An :class:`EvalSet` is a named source of problems with its prompt settings. The 
 - ``rg:<task>``: 100 problems of a reasoning-gym task (seed 0, default difficulty);
 - a file path (``.jsonl``, ``.ndjson``, ``.json``, ``.parquet``): every record, read with the
   top-level ``question_field`` / ``answer_field`` / ``question_template`` / ``answer_transform``
-  / ``verifier`` / ``id_field`` keys;
+  / ``verifier`` / ``id_field`` / ``layout`` / ``data_source`` keys (a verl-style file's chat is
+  its prompt as it is: see ``FileSource``'s ``layout``);
 - a mapping, for full control: ``{name: ..., data | packaged | rg | file | source: ..., limit,
   system_prompt, prompt_template, max_prompt_length, on_long_prompt, chat_template_kwargs, ...}``
   (see :func:`resolve_entry`).
 
-Sets that are not data configs take their prompt settings from the eval's ``data`` config.
-Every set is de-duplicated on the normalised question (as validation is) and cut to ``limit``.
+Sets that are not data configs take their prompt settings from the eval's ``data`` config;
+problems that bring their own chat (verl layout) are rendered as they are. Every set is
+de-duplicated on the normalised question (as validation is: a problem repeated in several
+records, as in verl's ``*_20times`` files, is one problem sampled ``samples`` times; its
+``repeats`` stat says how many records it had) and cut to ``limit``. ``eval_file`` of a verl-style
+file gives one set per ``data_source`` (named by it), as verl reports its validation.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,9 +39,11 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from prerl.data.prompts import encode_prompt, render_prompt
+from prerl.data.prompts import encode_chat, problem_messages, render_chat
 from prerl.data.sources import PACKAGED_DATASETS, FileSource, PackagedSource, ReasoningGymSource, Source, to_plain
-from prerl.data.splits import dedupe
+from prerl.data.splits import dedupe, find_repeats
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EvalSet", "resolve_eval_sets", "CONFIG_DIR", "FILE_SUFFIXES", "PromptTooLongError"]
 
@@ -43,7 +51,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq")
 KINDS = ("data", "packaged", "rg", "file", "source")
 PROMPT_KEYS = ("system_prompt", "prompt_template", "chat_template_kwargs", "max_prompt_length", "on_long_prompt")
-FILE_KEYS = ("question_field", "answer_field", "question_template", "answer_transform", "verifier", "id_field")
+FILE_KEYS = ("question_field", "answer_field", "question_template", "answer_transform", "verifier", "id_field",
+             "layout", "data_source")
 RG_DEFAULT_SIZE = 100
 
 
@@ -80,6 +89,7 @@ class EvalSet:
     def prepare(self, tokenizer: Any, model_template_kwargs: Mapping[str, Any] | None = None) -> None:
         """Load, de-duplicate, cut to ``limit``, render and tokenise the prompts."""
         loaded = self.source.load()
+        repeats = find_repeats(loaded).most
         problems, duplicates = dedupe(loaded)
         ids = [p["id"] for p in problems]
         if len(set(ids)) != len(ids):
@@ -90,13 +100,15 @@ class EvalSet:
         if self.limit is not None:
             problems = problems[: self.limit]
         kwargs = {**self.chat_template_kwargs, **dict(model_template_kwargs or {})}
+        own_chat = sum(bool(p.get("messages")) for p in problems)
+        if own_chat:
+            log.info("eval set %s: %d of %d problems bring their own chat (verl-style 'prompt'): rendered as they are, "
+                     "without system_prompt / prompt_template", self.name, own_chat, len(problems))
         items, too_long = [], []
         for p in problems:
-            question = p["question"]
-            if self.prompt_template is not None:
-                question = self.prompt_template.replace("{question}", question)
-            text = render_prompt(tokenizer, question, self.system_prompt, kwargs)
-            ids = encode_prompt(tokenizer, question, self.system_prompt, kwargs)
+            messages = problem_messages(p, self.system_prompt, self.prompt_template)
+            text = render_chat(tokenizer, messages, kwargs)
+            ids = encode_chat(tokenizer, messages, kwargs)
             if self.max_prompt_length is not None and len(ids) > self.max_prompt_length:
                 too_long.append((p["id"], len(ids)))
                 continue
@@ -114,7 +126,7 @@ class EvalSet:
         self.problems = [it["problem"] for it in items]
         self.items = items
         self.stats = {"loaded": len(loaded), "duplicates_dropped": duplicates, "too_long_dropped": len(too_long),
-                      "problems": len(items)}
+                      "problems": len(items), "repeats": repeats}  # repeats: most records one problem had
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -341,9 +353,16 @@ def resolve_eval_sets(cfg: DictConfig, tokenizer: Any) -> list[EvalSet]:
         sets.append(resolve_entry(entry, i, cfg, tokenizer))
     if cfg.get("eval_file"):
         path = str(cfg.eval_file)
-        source, spec = _file_set(path, _file_kwargs({k: cfg.get(k) for k in FILE_KEYS}), "eval_file")
+        kwargs = _file_kwargs({k: cfg.get(k) for k in FILE_KEYS})
+        source, spec = _file_set(path, kwargs, "eval_file")
         prompt = _global_prompt(_prompt_defaults(cfg.data), cfg)
-        sets.append(_make_set(Path(path).stem, source, spec, prompt, cfg.get("limit"), cfg))
+        names = source.data_sources()
+        if names is None:
+            sets.append(_make_set(Path(path).stem, source, spec, prompt, cfg.get("limit"), cfg))
+        else:  # a verl-style file: one set per data_source, named by it
+            for name in names:
+                source, spec = _file_set(path, {**kwargs, "data_source": name}, "eval_file")
+                sets.append(_make_set(name, source, spec, prompt, cfg.get("limit"), cfg))
     if not sets:
         source, spec, prompt = _from_data_node("val", cfg.data, tokenizer, "data")
         sets.append(_make_set("val", source, spec, _global_prompt(prompt, cfg), cfg.get("limit"), cfg))
