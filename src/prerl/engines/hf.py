@@ -8,7 +8,8 @@ import torch
 
 from prerl.engines.base import ENGINES, Generation
 from prerl.fsdp import generation_model
-from prerl.padding import cat_right_padded, grouped_rows, trim_left_padding
+from prerl.engines.refill import refill_generate
+from prerl.padding import cat_right_padded, grouped_rows, responses_from_lists, trim_left_padding
 from prerl.rollout import eos_ids, generate
 
 
@@ -23,6 +24,11 @@ class HFEngine:
         static_cache: a preallocated KV cache (fixed shapes) instead of one grown by concatenation.
         compile: ``torch.compile`` the decoding step (implies ``static_cache``; the first call of
             each shape compiles, which takes a while, so it pays off over many steps).
+        refill: a row that ends leaves the batch at once and the next pending prompt-sample takes
+            its place (prerl.engines.refill), instead of decoding every row of a call until the
+            longest ends; ``generation_batch_size`` caps the rows decoding at once. Same sampling
+            distribution. Not with ``static_cache`` / ``compile``; under sharding (FSDP, whose
+            ranks must step together) ``generate`` is used.
     Prompts are bucketed by length before they are chunked, so a chunk's padding is as short as
     the batch allows; rows come back in the batch's order. The policy is the model being trained,
     so ``sync_weights`` has nothing to do.
@@ -35,12 +41,16 @@ class HFEngine:
         synced_gpus: Callable[[], bool] = lambda: False,
         static_cache: bool = False,
         compile: bool = False,
+        refill: bool = False,
     ):
+        if refill and (static_cache or compile):
+            raise ValueError("module.rollout.engine_options: refill does not combine with static_cache / compile")
         self._policy = policy
         self.tokenizer = tokenizer
         self._synced_gpus = synced_gpus
         self.static_cache = bool(static_cache)
         self.compile = bool(compile)
+        self.refill = bool(refill)
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         return None
@@ -63,6 +73,12 @@ class HFEngine:
         order = torch.sort(prompt_mask.sum(dim=1), descending=True, stable=True).indices
         try:
             eos = eos_ids(getattr(policy, "generation_config", None), self.tokenizer)
+            if self.refill and not self._synced_gpus():
+                with generation_model(policy) as model:
+                    rows, _ = refill_generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens,
+                                              temperature, top_p, top_k, eos,
+                                              generation_batch_size or len(prompt_ids) * num_samples, order=order)
+                return Generation(*responses_from_lists(rows, eos, self.tokenizer.pad_token_id))
             # Generate in chunks of prompts: the KV cache grows with sequences x length.
             chunk = max(1, (generation_batch_size or 10**9) // num_samples)
             pieces = []
