@@ -63,6 +63,9 @@ def test_the_layout_is_detected_and_read_as_it_is(amc, caplog):
     assert p["meta"]["data_source"] == "amc23" and p["meta"]["extra_info"] == {"split": "test", "index": 1}
     assert "prompt" not in p["meta"]
     assert [q["id"] for q in problems[3:5]] == ["amc23/3", "amc23/4"]  # ids are the record index: unique
+    as_jsonl = amc.with_suffix(".jsonl")  # verl's JSONL files are the same rows
+    as_jsonl.write_text("".join(json.dumps(r) + "\n" for r in pq.read_table(amc).to_pylist()))
+    assert FileSource(as_jsonl).load() == problems
 
 
 def test_explicit_fields_still_read_fields_and_layout_fields_is_the_old_reading(amc):
