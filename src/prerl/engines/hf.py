@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
 from prerl.engines.base import ENGINES, Generation
-from prerl.fsdp import generation_model
 from prerl.engines.refill import refill_generate
+from prerl.engines.sampling_weights import SAMPLING_WEIGHTS, sampling_view
+from prerl.fsdp import generation_model
 from prerl.padding import cat_right_padded, grouped_rows, responses_from_lists, trim_left_padding
 from prerl.rollout import eos_ids, generate
 
@@ -28,7 +30,11 @@ class HFEngine:
             its place (prerl.engines.refill), instead of decoding every row of a call until the
             longest ends; ``generation_batch_size`` caps the rows decoding at once. Same sampling
             distribution. Not with ``static_cache`` / ``compile``; under sharding (FSDP, whose
-            ranks must step together) ``generate`` is used.
+            ranks must step together) ``generate`` is used unless ``sampling_weights`` gathered a copy.
+        sampling_weights: ``bfloat16``: sample from a bf16 view of the weights made once per rollout
+            (the Linear weights cast; under FSDP a gathered unsharded copy), under autocast, when it
+            fits in free memory, instead of autocast re-casting (and FSDP re-gathering) them every
+            decoded token (prerl.engines.sampling_weights). None (default): the policy as it is.
     Prompts are bucketed by length before they are chunked, so a chunk's padding is as short as
     the batch allows; rows come back in the batch's order. The policy is the model being trained,
     so ``sync_weights`` has nothing to do.
@@ -42,6 +48,7 @@ class HFEngine:
         static_cache: bool = False,
         compile: bool = False,
         refill: bool = False,
+        sampling_weights: str | None = None,
     ):
         if refill and (static_cache or compile):
             raise ValueError("module.rollout.engine_options: refill does not combine with static_cache / compile")
@@ -51,6 +58,10 @@ class HFEngine:
         self.static_cache = bool(static_cache)
         self.compile = bool(compile)
         self.refill = bool(refill)
+        if sampling_weights not in (None, *SAMPLING_WEIGHTS):
+            raise ValueError(f"module.rollout.engine_options.sampling_weights={sampling_weights!r}; use null or one of "
+                             f"{SAMPLING_WEIGHTS}")
+        self.sampling_weights = sampling_weights
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         return None
@@ -73,21 +84,27 @@ class HFEngine:
         order = torch.sort(prompt_mask.sum(dim=1), descending=True, stable=True).indices
         try:
             eos = eos_ids(getattr(policy, "generation_config", None), self.tokenizer)
-            if self.refill and not self._synced_gpus():
-                with generation_model(policy) as model:
-                    rows, _ = refill_generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens,
-                                              temperature, top_p, top_k, eos,
-                                              generation_batch_size or len(prompt_ids) * num_samples, order=order)
-                return Generation(*responses_from_lists(rows, eos, self.tokenizer.pad_token_id))
-            # Generate in chunks of prompts: the KV cache grows with sequences x length.
-            chunk = max(1, (generation_batch_size or 10**9) // num_samples)
-            pieces = []
-            with generation_model(policy) as model:
+            rows = min(generation_batch_size or 10**9, len(prompt_ids) * num_samples)
+            with contextlib.ExitStack() as stack:
+                model, synced = None, self._synced_gpus()
+                if self.sampling_weights:
+                    model, synced = stack.enter_context(sampling_view(
+                        policy, self.sampling_weights, synced, rows, prompt_ids.shape[1] + max_new_tokens,
+                        prompt_ids.device))
+                if model is None:
+                    model = stack.enter_context(generation_model(policy))
+                if self.refill and not synced:
+                    tokens, _ = refill_generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens,
+                                                temperature, top_p, top_k, eos, rows, order=order)
+                    return Generation(*responses_from_lists(tokens, eos, self.tokenizer.pad_token_id))
+                # Generate in chunks of prompts: the KV cache grows with sequences x length.
+                chunk = max(1, rows // num_samples)
+                pieces = []
                 for start in range(0, prompt_ids.shape[0], chunk):
-                    rows = order[start : start + chunk]
+                    chosen = order[start : start + chunk]
                     pieces.append(generate(
                         model,
-                        *trim_left_padding(prompt_ids[rows], prompt_mask[rows]),
+                        *trim_left_padding(prompt_ids[chosen], prompt_mask[chosen]),
                         num_samples=num_samples,
                         max_new_tokens=max_new_tokens,
                         temperature=temperature,
@@ -95,7 +112,7 @@ class HFEngine:
                         top_k=top_k,
                         eos_token_ids=eos,
                         pad_token_id=self.tokenizer.pad_token_id,
-                        synced_gpus=self._synced_gpus(),
+                        synced_gpus=synced,
                         static_cache=self.static_cache,
                         compile=self.compile,
                     ))

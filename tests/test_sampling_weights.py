@@ -1,0 +1,190 @@
+"""The hf engine's bf16 sampling view (``engine_options.sampling_weights``, prerl.engines.sampling_weights):
+the tokens of today's autocast path, the cast made once per rollout and dropped after it."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import prerl.engines.sampling_weights as sampling_weights
+from helpers import tiny_spec
+from prerl.engines import build_engine
+from prerl.models import LoraSettings
+from test_vllm_engine import _prompts
+
+MAX_NEW = 12
+
+
+def _greedy(policy, tokenizer, ids, mask, autocast=False, **options):
+    engine = build_engine("hf", policy=lambda: policy, tokenizer=tokenizer, **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = engine.generate(ids, mask, 2, MAX_NEW, 0.0, 1.0, 0, 4)
+    return out.response_ids
+
+
+def _watch_weights(module: torch.nn.Module):
+    """The dtype of ``module.weight`` at each forward, and weak references to the weights seen."""
+    seen, refs = [], []
+
+    def hook(mod, _):
+        seen.append(mod.weight.dtype)
+        refs.append(weakref.ref(mod.weight))
+
+    return seen, refs, module.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("options", [{}, {"refill": True}], ids=["generate", "refill"])
+def test_bf16_view_gives_the_autocast_tokens_and_is_dropped_after_the_rollout(tiny_tokenizer, options):
+    spec = tiny_spec(lora=LoraSettings(r=4, alpha=8))
+    policy = spec.build_model().train()
+    with torch.no_grad():  # LoRA's B starts at 0: make the adapters count
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids, mask = _prompts(tiny_tokenizer, 4)
+    reference = _greedy(policy, tiny_tokenizer, ids, mask, autocast=True, **options)  # bf16-mixed today
+    assert not torch.equal(reference, _greedy(policy, tiny_tokenizer, ids, mask, **options))  # bf16 matters here
+    params = dict(policy.named_parameters())
+    head = policy.get_base_model().lm_head
+    seen, refs, hook = _watch_weights(head)
+    for autocast in (False, True):  # the option autocasts itself; inside training's autocast too
+        assert torch.equal(_greedy(policy, tiny_tokenizer, ids, mask, autocast, sampling_weights="bfloat16", **options),
+                           reference)
+    hook.remove()
+    assert set(seen) == {torch.bfloat16}  # every matmul sees the bf16 view: autocast has nothing to cast
+    gc.collect()
+    assert all(r() is None for r in refs)  # no bf16 copy outlives its rollout
+    assert all(p is params[n] and p.dtype == torch.float32 for n, p in policy.named_parameters())
+    assert policy.training
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts float32 -> bf16 copies of 2-D tensors (weights; activations are 3-D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].dim() == 2 and args[0].dtype == torch.float32 \
+                and out.dtype == torch.bfloat16:
+            self.count += 1
+        return out
+
+
+def test_weights_are_cast_once_per_rollout_under_lightnings_autocast(tiny_tokenizer):
+    """Lightning's bf16-mixed autocasts with ``cache_enabled=False``: by default every forward
+    re-casts every Linear weight (casts grow with the tokens decoded); with the option the casts are
+    one per Linear per rollout, whatever its length."""
+    policy = tiny_spec().build_model()
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in policy.modules())
+    casts = {}
+    for options in ({}, {"sampling_weights": "bfloat16"}):
+        engine = build_engine("hf", policy=lambda: policy, tokenizer=tiny_tokenizer, **options)
+        for new in (4, 16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), _WeightCasts() as counter:
+                assert engine.generate(ids, mask, 1, new, 0.0, 1.0, 0).response_ids.shape[1] == new  # no end met
+            casts[bool(options), new] = counter.count
+    assert casts == {(False, 4): 4 * linears, (False, 16): 16 * linears, (True, 4): linears, (True, 16): linears}
+
+
+def test_gathered_copy_samples_the_autocast_tokens(tiny_tokenizer):
+    """The sharded path (an unsharded bf16-Linear copy from the gathered state dict) on a plain
+    policy with tied embeddings: the same greedy tokens, the policy untouched; the copy is freed."""
+    policy = tiny_spec(tie_word_embeddings=True).build_model()
+    ids, mask = _prompts(tiny_tokenizer, 4)
+    reference = _greedy(policy, tiny_tokenizer, ids, mask, autocast=True)
+    with sampling_weights.sampling_view(policy, "bfloat16", True, 8, ids.shape[1] + MAX_NEW, ids.device) as (copy, synced):
+        assert copy is not policy and not synced
+        assert copy.lm_head.weight.dtype == torch.bfloat16 and copy.model.norm.weight.dtype == torch.float32
+        engine = build_engine("hf", policy=lambda: copy, tokenizer=tiny_tokenizer)
+        assert torch.equal(engine.generate(ids, mask, 2, MAX_NEW, 0.0, 1.0, 0, 4).response_ids, reference)
+        ref = weakref.ref(copy)
+        del copy, engine
+    gc.collect()
+    assert ref() is None
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+
+
+def test_no_room_for_the_copy_samples_from_the_policy(tiny_tokenizer, monkeypatch, caplog):
+    policy = tiny_spec().build_model()
+    ids, mask = _prompts(tiny_tokenizer, 4)
+    reference = _greedy(policy, tiny_tokenizer, ids, mask, autocast=True)
+    monkeypatch.setattr(sampling_weights, "free_memory", lambda device: 1 << 10)
+    seen, _, hook = _watch_weights(policy.lm_head)
+    with caplog.at_level("INFO", logger="prerl.engines.sampling_weights"):
+        assert torch.equal(_greedy(policy, tiny_tokenizer, ids, mask, autocast=True, sampling_weights="bfloat16"),
+                           reference)
+    hook.remove()
+    assert set(seen) == {torch.float32} and "sampling from the policy as it is" in caplog.text
+    with pytest.raises(ValueError, match="sampling_weights='float16'"):
+        build_engine("hf", policy=lambda: policy, tokenizer=tiny_tokenizer, sampling_weights="float16")
+
+
+def _fsdp_worker(out: str) -> None:
+    """Run by torchrun on 2 CPU processes (test below): each rank samples other prompts (so its
+    steps differ from the other rank's) from the FSDP1-sharded policy through the gathered bf16 copy,
+    with refill; the greedy tokens are the unsharded policy's under autocast."""
+    import functools
+    import json
+    from pathlib import Path
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from prerl.models import build_tiny_tokenizer
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    tokenizer = build_tiny_tokenizer()
+    ids, mask = _prompts(tokenizer, 4)
+    ids, mask = ids[2 * rank : 2 * rank + 2 - rank], mask[2 * rank : 2 * rank + 2 - rank]  # 2 prompts, then 1
+    reference = _greedy(tiny_spec().build_model(), tokenizer, ids, mask, autocast=True)
+    sharded = FSDP(tiny_spec().build_model(), auto_wrap_policy=functools.partial(
+        transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer}), device_id=torch.device("cpu"),
+        use_orig_params=True)
+    engine = build_engine("hf", policy=lambda: sharded, tokenizer=tokenizer, synced_gpus=lambda: True,
+                          sampling_weights="bfloat16", refill=True)
+    sharded_forwards = []  # forwards of the FSDP units (each one an all-gather): none while sampling
+    for unit in FSDP.fsdp_modules(sharded):
+        unit.register_forward_pre_hook(lambda *_: sharded_forwards.append(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = engine.generate(ids, mask, 2, MAX_NEW, 0.0, 1.0, 0, 4).response_ids
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"same": torch.equal(tokens, reference),
+                                                         "sharded_forwards": len(sharded_forwards)}))
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_ranks_sample_from_a_gathered_copy_at_their_own_pace(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         __file__, "--fsdp-worker", str(tmp_path)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"same": True, "sharded_forwards": 0}
+
+
+if __name__ == "__main__":  # torchrun worker of test_fsdp_ranks_sample_from_a_gathered_copy_at_their_own_pace
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    sys.path[:0] = [str(root.parent / "src"), str(root)]
+    _fsdp_worker(sys.argv[sys.argv.index("--fsdp-worker") + 1])
