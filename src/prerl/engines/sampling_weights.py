@@ -18,7 +18,8 @@ token. Here the cast (and the gather) happens once per rollout:
 Sampling runs under ``torch.autocast(bf16)`` either way (with ``precision=32`` the option
 therefore samples in bf16 where training computes in float32). The copy is dropped when the
 rollout ends. When the copy plus the sampling's KV cache and logits would not fit in the device's
-free memory (with a 10% margin), the rollout uses the policy as it is (logged).
+free memory (with a 10% margin), or the policy is sharded and 4-bit (QLoRA under FSDP), the rollout
+uses the policy as it is (logged).
 """
 
 from __future__ import annotations
@@ -121,16 +122,23 @@ def sampling_view(policy: torch.nn.Module, dtype_name: str, sharded: bool, rows:
     if dtype_name not in SAMPLING_WEIGHTS:
         raise ValueError(f"module.rollout.engine_options.sampling_weights={dtype_name!r}; use one of {SAMPLING_WEIGHTS}")
     from prerl.models.params import unwrap_policy
+    from prerl.models.quant import is_quantized
 
     dtype = getattr(torch, dtype_name)
-    linear, total = _param_count(policy, sharded)
-    # sharded: the float32 gather (transient) and the copy (bf16 Linears, float32 rest); else the bf16 Linears
-    copy_bytes = total * 4 + linear * dtype.itemsize + (total - linear) * 4 if sharded else linear * dtype.itemsize
-    need = copy_bytes + sampling_bytes(unwrap_policy(policy).config, rows, length)
-    free = free_memory(device)
-    if need > 0.9 * free:
-        log.info("sampling_weights=%s: the copy and the KV cache need %.2f GiB, %.2f GiB free: sampling from the "
-                 "policy as it is", dtype_name, need / 2**30, free / 2**30)
+    if sharded and is_quantized(policy):
+        reason = "a sharded 4-bit policy is not gathered"  # hf_state_dict does not de-quantise FSDP shards
+    else:
+        linear, total = _param_count(policy, sharded)
+        trained = next(policy.parameters()).dtype.itemsize
+        # sharded: the gathered state (transient) and the copy (bf16 Linears, the rest as trained); else the bf16 Linears
+        copy_bytes = total * trained + linear * dtype.itemsize + (total - linear) * trained if sharded \
+            else linear * dtype.itemsize
+        need = copy_bytes + sampling_bytes(unwrap_policy(policy).config, rows, length)
+        free = free_memory(device)
+        reason = f"the copy and the KV cache need {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free" \
+            if need > 0.9 * free else None
+    if reason:
+        log.info("sampling_weights=%s: %s: sampling from the policy as it is", dtype_name, reason)
         yield None, sharded
         return
     with torch.autocast(device.type, dtype=dtype):
