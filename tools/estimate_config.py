@@ -172,6 +172,7 @@ def setup_from_config(cfg: DictConfig, overhead_gib: float = 1.5) -> TrainingSet
         val_samples=int(validation["samples_per_problem"]),
         val_response_len=int(validation["max_new_tokens"]),
         val_generation_batch=validation.get("generation_batch_size"),
+        sampling_weights=str((rollout.get("engine_options") or {}).get("sampling_weights")) == "bfloat16",
         overhead_gib=overhead_gib,
     )
 

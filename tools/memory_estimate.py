@@ -458,6 +458,11 @@ class TrainingSetup:
     val_samples: responses per validation problem [module.validation.samples_per_problem];
         val_response_len [module.validation.max_new_tokens]; val_generation_batch
         [module.validation.generation_batch_size], as generation_batch.
+    sampling_weights: the rollout samples from a bf16 view of the weights made once per rollout
+        [module.rollout.engine_options.sampling_weights=bfloat16]: bf16 copies of the fp32 Linear
+        weights in place of autocast's copies; under FSDP an unsharded copy (bf16 Linears, the rest
+        as trained) built from the gathered full state instead of gathering blocks per forward
+        (a 4-bit base under FSDP is not copied). prerl.engines.sampling_weights.
     overhead_gib: CUDA context + allocator fragmentation + kernel workspaces (an assumption).
     """
 
@@ -486,6 +491,7 @@ class TrainingSetup:
     val_samples: int = 4
     val_response_len: int = 8192
     val_generation_batch: int | None = None
+    sampling_weights: bool = False
     overhead_gib: float = 1.5
 
     def __post_init__(self) -> None:
@@ -631,6 +637,11 @@ def _static_items(g: ModelGeometry, s: TrainingSetup, counts: dict[str, int], ph
     head = counts["lm_head"] or counts["embed_tokens"]  # the lm_head matrix (the embedding when tied)
     shard = f", sharded /{n}" if n > 1 else ""
     items: list[tuple[str, float]] = []
+    if phase == "generation" and s.sampling_weights and s.fsdp and s.preset != "qlora":
+        # The unsharded copy of prerl.engines.sampling_weights replaces the per-forward gathers: every
+        # Linear (the lm_head too, untied from a tied embedding) in bf16, the rest as trained.
+        copy = 2 * (counts["linear"] + head) + w * (P - counts["linear"] - counts["lm_head"])
+        items.append(("unsharded sampling copy (bf16 Linears, sampling_weights)", copy))
     if s.preset == "full":
         items.append((f"weights ({s.dtype}{shard})", w * P / n))
         if grads:
@@ -641,7 +652,7 @@ def _static_items(g: ModelGeometry, s: TrainingSetup, counts: dict[str, int], ph
             items.append((f"KL reference: frozen copy of the policy ({s.dtype}{shard})", w * P / n))
         if s.fsdp:
             pb = 2 if s.fsdp_bf16_params else w
-            if phase == "generation":
+            if phase == "generation" and not s.sampling_weights:  # (with it: the copy above)
                 # prerl.fsdp.generation_model: summon_full_params(recurse=False) gathers the root's
                 # own parameters (embeddings, final norm, lm_head) in their full precision; each
                 # block gathers itself (compute dtype) in its forward, one prefetched.
@@ -653,14 +664,18 @@ def _static_items(g: ModelGeometry, s: TrainingSetup, counts: dict[str, int], ph
                 # also holds its unsharded gradient before the reduce-scatter.
                 items.append(("FSDP gathered units (root + 2 blocks)" + (" + their grads" if grads else ""),
                               pb * (root + 2 * counts["per_layer"]) * (2 if grads else 1)))
-            if s.autocast and w == 4:
+            if s.autocast and w == 4 and not (phase == "generation" and s.sampling_weights):
                 # The root summoned for generate is used by the lm_head in fp32 under autocast,
                 # which caches the bf16 cast of a leaf weight until the step's autocast exits.
                 items.append(("autocast bf16 copy of the lm_head (from generate)", 2 * head))
         else:
             if s.gpus > 1 and grads:
                 items.append(("DDP gradient buckets (a copy of the gradients)", w * P))
-            if s.autocast and w == 4:
+            if phase == "generation" and s.sampling_weights and w == 4:
+                # prerl.engines.sampling_weights: every fp32 Linear (the lm_head included) swapped
+                # for a bf16 copy for the rollout; autocast then has nothing to cast.
+                items.append(("bf16 sampling view of the Linear weights (sampling_weights)", 2 * (counts["linear"] + head)))
+            elif s.autocast and w == 4:
                 # torch.autocast caches the bf16 copy of every fp32 leaf weight it casts, until the
                 # autocast region exits (Lightning's bf16-mixed wraps the whole training_step, in
                 # which this project also generates): all Linear weights and the (tied) lm_head.
@@ -684,7 +699,7 @@ def _static_items(g: ModelGeometry, s: TrainingSetup, counts: dict[str, int], ph
     items.append(("LoRA AdamW states (2 x fp32)", 8 * A / n))
     if s.autocast:
         items.append(("autocast bf16 copies of the adapters", 2 * A / n))
-    if s.fsdp and phase != "optimizer":
+    if s.fsdp and phase != "optimizer" and not (phase == "generation" and s.sampling_weights and s.preset == "lora"):
         layer = w * counts["per_layer"] if s.preset == "lora" else nf4_tensor_bytes(counts["per_layer"])
         items.append(("FSDP gathered units (root + 2 blocks)", w * root + 2 * layer))
     return items
@@ -787,6 +802,13 @@ def estimate_memory(model: Any, setup: TrainingSetup | None = None, **overrides:
     c, R = mode.compute_bytes, mode.residual_bytes
     gen_static = _static_items(g, s, counts, "generation")
     phases = _generation_phases("generation", g, s, gen_static, s.generation_seqs, s.response_len, mode)
+    if s.sampling_weights and s.fsdp and s.preset != "qlora":
+        # FULL_STATE_DICT gathers every weight (model dtype; LoRA merged in fp32 per layer) before
+        # the copy is filled; both are alive until the gather is dropped, before any KV cache.
+        build = Phase("sampling copy: built from the gathered full state", "sampling copy")
+        build.items = list(gen_static)
+        build.add(f"gathered full state ({s.dtype})", (4 if s.dtype == "fp32" else 2) * counts["total"])
+        phases.append(build)
 
     # ---- training forward / backward of the largest micro-batch
     M = s.micro_rows
