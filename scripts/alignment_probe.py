@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default=None, help="output folder (default: logs/alignment_probe/<date_time>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The data module describes the training batches it would build; the probe samples from the
+    # validation prompts and says so itself.
+    logging.getLogger("prerl.data.datamodule").setLevel(logging.WARNING)
 
     import torch
 
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> Path:
     log.info("policy: %s", what)
     pairs, texts, problems, split = sample_pairs(cfg, policy, tokenizer, args.prompts, args.samples, args.seed, device)
     sampled = time.perf_counter()
-    log.info("sampled %d pairs from %d %s prompts in %.1f s", len(pairs), args.prompts, split, sampled - started)
+    log.info("sampled %d pairs from %d %s prompts in %.1f s", len(pairs), len(pairs) // args.samples, split,
+             sampled - started)
     update = cfg.module.get("update") or {}
     stats = alignment_stats(
         policy, pairs, params=args.params, temperature=float(cfg.module.rollout.temperature),

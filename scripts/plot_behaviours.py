@@ -1,5 +1,6 @@
 """Plot reasoning-behaviour frequencies over training steps: one subplot per behaviour, one line
-per run (the ``behaviour/*`` scalars of prerl.callbacks.BehaviourLogger; docs/analysis.md).
+per run (the ``z_behaviour/*`` scalars of prerl.callbacks.BehaviourLogger, or ``behaviour/*`` of runs
+logged before that name; docs/analysis.md).
 
     python scripts/plot_behaviours.py logs/<task>/runs/<run A> logs/<task>/runs/<run B> --out behaviours.png
     python scripts/plot_behaviours.py RUN... --stat frac --split wrong --labels GRPO,DSRL
@@ -23,10 +24,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DEFAULT_BEHAVIOURS = "reflection,transition,subgoal_setting,enumeration,verification,backtracking"
+FAMILY, LEGACY_FAMILY = "z_behaviour/", "behaviour/"  # the tag family, and its name in earlier runs
 
 
 def metric_key(behaviour: str, stat: str, split: str) -> str:
-    prefix = "behaviour/" + ("" if split == "all" else f"{split}/")
+    prefix = FAMILY + ("" if split == "all" else f"{split}/")
     return prefix + behaviour + ("_frac" if stat == "frac" else "")
 
 
@@ -54,13 +56,16 @@ def _from_csv(files: list[Path], keys: set[str]) -> dict[str, dict[int, float]]:
 
 
 def read_run(run: Path, keys: list[str]) -> dict[str, dict[int, float]]:
-    """``{key: {step: value}}`` of one run (NaN points dropped; missing keys absent)."""
-    wanted = set(keys)
+    """``{key: {step: value}}`` of one run (NaN points dropped; missing keys absent); a run logged
+    with the earlier family name ``behaviour/`` is read under ``z_behaviour/`` keys."""
+    legacy = {k.replace(FAMILY, LEGACY_FAMILY, 1): k for k in keys}
+    wanted = set(keys) | set(legacy)
     event_dirs = sorted({p.parent for p in run.rglob("events.out.tfevents.*")})
     if event_dirs:
         curves = _from_events(event_dirs, wanted)
     else:
         curves = _from_csv(sorted(run.rglob("metrics.csv")), wanted)
+    curves = {legacy.get(k, k): c for k, c in curves.items()}
     return {k: {s: v for s, v in c.items() if not math.isnan(v)} for k, c in curves.items()}
 
 
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, run in zip(labels, args.runs):
         curves = read_run(run, keys)
         if not curves:
-            sys.exit(f"no behaviour/* scalars in {run} (is BehaviourLogger among the callbacks?)")
+            sys.exit(f"no {FAMILY}* scalars in {run} (is BehaviourLogger among the callbacks?)")
         runs[label] = curves
     ylabel = "thoughts / response" if args.stat == "mean" else "fraction of thoughts"
     plot(runs, behaviours, keys, args.out, ylabel)

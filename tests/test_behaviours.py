@@ -218,14 +218,14 @@ def test_callback_with_hand_written_texts_and_reward_split():
     BehaviourLogger(every_n_steps=2).on_train_batch_end(trainer, module, None, None, 0)
     [(step, m)] = logger.calls
     assert step == 0
-    assert m["behaviour/responses"] == 4 and m["behaviour/thoughts"] == pytest.approx(5 / 4)
-    assert m["behaviour/reflection"] == pytest.approx(2 / 4)
-    assert m["behaviour/transition_frac"] == pytest.approx(1 / 5)
-    assert m["behaviour/correct/responses"] == 2 and m["behaviour/correct/reflection"] == 1.0
-    assert m["behaviour/wrong/responses"] == 2 and m["behaviour/wrong/transition"] == 0.5
-    assert m["behaviour/wrong/reflection"] == 0.0
+    assert m["z_behaviour/responses"] == 4 and m["z_behaviour/thoughts"] == pytest.approx(5 / 4)
+    assert m["z_behaviour/reflection"] == pytest.approx(2 / 4)
+    assert m["z_behaviour/transition_frac"] == pytest.approx(1 / 5)
+    assert m["z_behaviour/correct/responses"] == 2 and m["z_behaviour/correct/reflection"] == 1.0
+    assert m["z_behaviour/wrong/responses"] == 2 and m["z_behaviour/wrong/transition"] == 0.5
+    assert m["z_behaviour/wrong/reflection"] == 0.0
     summary_keys = summarize_behaviours([]).keys()
-    assert set(m) == {f"behaviour/{p}{k}" for p in ("", "correct/", "wrong/") for k in summary_keys}
+    assert set(m) == {f"z_behaviour/{p}{k}" for p in ("", "correct/", "wrong/") for k in summary_keys}
 
 
 def test_callback_skips_other_steps_and_empty_splits():
@@ -237,12 +237,12 @@ def test_callback_skips_other_steps_and_empty_splits():
     cb.on_train_batch_end(trainer, module, None, None, 0)
     cb.on_train_batch_end(trainer, module, None, None, 0)  # same step again: once
     [(step, m)] = logger.calls
-    assert step == 2 and m["behaviour/reflection"] == 1.0
-    assert not any(k.startswith("behaviour/correct/") for k in m)  # no right answer: no split row
-    assert m["behaviour/wrong/responses"] == 1
+    assert step == 2 and m["z_behaviour/reflection"] == 1.0
+    assert not any(k.startswith("z_behaviour/correct/") for k in m)  # no right answer: no split row
+    assert m["z_behaviour/wrong/responses"] == 1
     trainer, module, logger = _fake(4, ["x"])
     cb.on_train_batch_end(trainer, module, None, None, 0)  # no rewards: no split at all
-    assert set(logger.calls[0][1]) == {f"behaviour/{k}" for k in summarize_behaviours([])}
+    assert set(logger.calls[0][1]) == {f"z_behaviour/{k}" for k in summarize_behaviours([])}
     trainer, module, logger = _fake(6, [])
     module.last_rollout = None
     cb.on_train_batch_end(trainer, module, None, None, 0)
@@ -273,20 +273,20 @@ def _rows(folder: Path):
 def test_callback_on_a_tiny_run_logs_on_the_right_steps(tmp_path):
     module = _tiny_run(tmp_path, max_steps=5, every=2)
     rows = _rows(tmp_path)
-    logged = {int(r["step"]): r for r in rows if r.get("behaviour/thoughts") not in (None, "")}
+    logged = {int(r["step"]): r for r in rows if r.get("z_behaviour/thoughts") not in (None, "")}
     assert sorted(logged) == [0, 2, 4]  # the logging steps of the batches 1, 3, 5
     train_steps = sorted(int(r["step"]) for r in rows if r.get("train/accuracy") not in (None, ""))
     assert train_steps == [0, 1, 2, 3, 4]  # the same step numbers as the module's train/* metrics
     last = logged[4]
     expected = summarize_behaviours(module.last_rollout.texts)  # the last batch's own rollout
     for key, value in expected.items():
-        assert float(last[f"behaviour/{key}"]) == pytest.approx(value, rel=1e-6)
+        assert float(last[f"z_behaviour/{key}"]) == pytest.approx(value, rel=1e-6)
     # PatternReward (1, 0): half the responses are right, so both splits are there.
-    assert float(last["behaviour/correct/responses"]) == float(last["behaviour/wrong/responses"]) > 0
+    assert float(last["z_behaviour/correct/responses"]) == float(last["z_behaviour/wrong/responses"]) > 0
     # Nothing stale: no behaviour value in the rows of the other steps.
     for r in rows:
         if int(r["step"]) not in logged:
-            assert all(r.get(k) in (None, "") for k in r if k.startswith("behaviour/"))
+            assert all(r.get(k) in (None, "") for k in r if k.startswith("z_behaviour/"))
 
 
 def test_plot_script_writes_a_png_from_two_runs(tmp_path):
@@ -305,6 +305,23 @@ def test_plot_script_writes_a_png_from_two_runs(tmp_path):
         import plot_behaviours
     finally:
         sys.path.pop(0)
-    curves = plot_behaviours.read_run(tmp_path / "a", ["behaviour/reflection_frac"])
-    assert sorted(curves["behaviour/reflection_frac"]) == [0, 1]
-    assert all(not math.isnan(v) for v in curves["behaviour/reflection_frac"].values())
+    curves = plot_behaviours.read_run(tmp_path / "a", ["z_behaviour/reflection_frac"])
+    assert sorted(curves["z_behaviour/reflection_frac"]) == [0, 1]
+    assert all(not math.isnan(v) for v in curves["z_behaviour/reflection_frac"].values())
+    # A run logged before the family was renamed (behaviour/*) reads under the new keys.
+    legacy = tmp_path / "old" / "csv"
+    legacy.mkdir(parents=True)
+    (legacy / "metrics.csv").write_text("step,behaviour/reflection_frac\n0,0.25\n3,0.5\n")
+    assert plot_behaviours.read_run(tmp_path / "old", ["z_behaviour/reflection_frac"]) == {
+        "z_behaviour/reflection_frac": {0: 0.25, 3: 0.5}}
+
+
+def test_evaluation_logs_behaviours_under_the_training_family():
+    from prerl.callbacks.behaviours import FAMILY
+    from prerl.evaluation.report import log_to_loggers
+
+    logger = RecordingLogger()
+    logger.save = lambda: None
+    log_to_loggers([logger], {"aime": {"metrics": {"avg@2": 0.5}, "behaviours": {"reflection": 1.0}}})
+    [(step, scalars)] = logger.calls
+    assert scalars == {"aime/avg@2": 0.5, f"{FAMILY}/aime/reflection": 1.0}

@@ -288,7 +288,7 @@ def test_sparse_metrics_are_not_repeated_on_steps_that_lack_them(tmp_path):
     conditional = [value(r, "train/pg_loss/conditional") for r in rows]
     assert not any(math.isnan(v) for v in marginal[:2]) and all(math.isnan(v) for v in marginal[2:])
     assert all(math.isnan(v) for v in conditional[:2]) and not any(math.isnan(v) for v in conditional[2:])
-    entropy = [value(r, "train/entropy_conditional") for r in rows]
+    entropy = [value(r, "train/rollout_entropy/conditional") for r in rows]
     assert [math.isnan(v) for v in entropy] == [False, True, True, False]
 
 
@@ -327,4 +327,4 @@ def test_update_entropies_equal_the_cross_space_pass_on_the_same_tokens():
     trainer, _ = _fit(module)
     metrics = trainer.callback_metrics
     assert float(metrics["train/entropy/conditional"]) > 0
-    torch.testing.assert_close(metrics["train/entropy/conditional"], metrics["train/entropy_conditional"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["train/entropy/conditional"], metrics["train/rollout_entropy/conditional"], rtol=1e-5, atol=1e-6)

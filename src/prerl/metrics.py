@@ -57,12 +57,13 @@ def space_diagnostics(
 ) -> dict[str, torch.Tensor]:
     """Compare the two spaces on the same responses. All inputs (N, T); mask (N, T).
 
-    Returns mean per-token entropy under each context and the mean log-prob gap
-    log P(y_t | x, y_<t) - log P(y_t | c, y_<t) (positive: the question makes y more likely).
+    Returns mean per-token entropy under each context (``rollout_entropy/<space>``: every response
+    of the rollout, unlike the update's ``entropy/<space>`` over the rows it trains on) and the mean
+    log-prob gap log P(y_t | x, y_<t) - log P(y_t | c, y_<t) (positive: the question makes y more likely).
     """
     return {
-        "entropy_conditional": masked_mean(cond_entropy, mask),
-        "entropy_marginal": masked_mean(marg_entropy, mask),
+        "rollout_entropy/conditional": masked_mean(cond_entropy, mask),
+        "rollout_entropy/marginal": masked_mean(marg_entropy, mask),
         "logprob_gap": masked_mean(cond_logprobs - marg_logprobs, mask),
     }
 

@@ -28,7 +28,7 @@ from prerl.checkpointing import capture_rng_state, check_phases, restore_rng_sta
 from prerl.config_fields import from_mapping
 from prerl.engines import build_engine
 from prerl.metrics import engine_mismatch, pass_at_k, rollout_metrics, space_diagnostics
-from prerl.models.params import disable_dropout
+from prerl.models.params import count_parameters, disable_dropout
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, phases_of
 from prerl.rollout import Rollout, decode
 from prerl.scoring import check_chunkable
@@ -36,6 +36,17 @@ from prerl.settings import RolloutConfig, UpdateConfig, ValidationConfig, requir
 from prerl.updates import LossTerm, NonFiniteLossError, PolicyUpdater
 
 log = logging.getLogger(__name__)
+
+
+class _NoLightningTips(logging.Filter):
+    """Lightning advertises its cloud services (litlogger, litmodels) on every Trainer; it has no
+    switch for it, and these lines say nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoLightningTips())
 
 __all__ = ["NoLearningSignalError", "NonFiniteLossError", "PreRLModule"]
 
@@ -70,7 +81,8 @@ class PreRLModule(LightningModule):
             update scores, per space (``train/entropy/<space>``), from the logits it computes
             anyway; 0 disables.
         cross_space_diagnostics_every_n_steps: every N updates score every response in both
-            spaces (two extra no-grad passes): entropies and the log-prob gap; 0 disables.
+            spaces (two extra no-grad passes): entropies (``train/rollout_entropy/<space>``) and
+            the log-prob gap; 0 disables.
         max_consecutive_nonfinite: stop after this many skipped non-finite updates in a row.
         max_consecutive_no_signal: stop after this many batches in a row without learning
             signal: the reward never fires or the task is too hard or too easy (with
@@ -178,6 +190,9 @@ class PreRLModule(LightningModule):
             return
         # from_pretrained returns eval mode; Lightning keeps module modes, so train explicitly.
         policy = self.model_spec.build_model().train()
+        # Instead of Lightning's model summary (trainer.enable_model_summary=false): its rows are this
+        # module's validation metrics and the policy, and its FLOPs are 0 for a model it never runs.
+        log.info("policy: %s, %s parameters", type(policy).__name__, count_parameters(policy))
         if self.disable_dropout and disable_dropout(policy):
             log.info("dropout disabled in the policy (module.disable_dropout=true)")
         if self.update_cfg.logprob_chunk_tokens:
@@ -410,8 +425,21 @@ class PreRLModule(LightningModule):
     def _every(n: int, step: int) -> bool:
         return bool(n) and step % n == 0
 
+    # ---------------------------------------------------------------- the loggers' step
+    def _set_logging_step(self) -> None:
+        """Every point is logged at the number of optimizer updates of the policy it measures: a
+        batch's ``train/*`` (its rollout, then its update) at the updates made before it, validation
+        after k updates at k, as the alignment probe. Lightning logs ``self.log`` values at its count
+        of finished training batches (``_batches_that_stepped``, which only loggers read): that
+        counts batches, not updates, and lags by one in the validations inside ``fit``."""
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
+
+    def on_validation_start(self) -> None:
+        self._set_logging_step()
+
     # ---------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._set_logging_step()
         # Restore sampling randomness as late as possible: right before the first resumed rollout.
         if self._pending_rng is not None:
             restore_rng_state(self._pending_rng)

@@ -1,14 +1,17 @@
 """Log reasoning-behaviour statistics of the training rollouts (docs/analysis.md).
 
 Reads the responses the training step already sampled (``pl_module.last_rollout``): no extra
-generation. Every N-th training batch it writes ``behaviour/<key>`` for every key of
+generation. Every N-th training batch it writes ``z_behaviour/<key>`` for every key of
 ``prerl.analysis.behaviours.summarize_behaviours`` (means per response and fractions of
 thoughts), and, when the rollout has rewards, the same for the right (reward > 0.5) and the wrong
-responses as ``behaviour/correct/<key>`` and ``behaviour/wrong/<key>``.
+responses as ``z_behaviour/correct/<key>`` and ``z_behaviour/wrong/<key>``. The family is
+``z_behaviour`` (as in evaluations) so that TensorBoard, which sorts tag groups alphabetically and
+opens the first two, opens on ``train/`` and ``val/`` and shows these 48 charts last.
 
 The scalars go straight to ``logger.log_metrics`` of every trainer logger, at the step Lightning
-gives the same batch's ``train/*`` metrics (the number of earlier training batches), so
-``behaviour/reflection`` at step s describes the rollout whose ``train/accuracy`` is at step s.
+gives the same batch's ``train/*`` metrics (the updates made before the batch; ``PreRLModule``
+sets it), so ``z_behaviour/reflection`` at step s describes the rollout whose ``train/accuracy`` is
+at step s.
 Nothing is written on the other steps (no stale repeats, no NaN rows), and a split with no
 response (e.g. no right answer in the batch) is left out of that step rather than logged as 0.
 With several data-parallel processes the counts of every rank's rollout are summed first.
@@ -22,19 +25,22 @@ from lightning import Callback
 from prerl.analysis.behaviours import COUNT_KEYS, summary_from_totals, total_counts
 
 
-def _logging_step(trainer) -> int:
+FAMILY = "z_behaviour"  # the TensorBoard tag group of the behaviour scalars, in training and evaluation
+
+
+def logging_step(trainer) -> int:
     """The step Lightning logs this batch's ``self.log`` metrics at."""
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
 
 
 class BehaviourLogger(Callback):
-    """Log ``behaviour/*`` scalars of ``pl_module.last_rollout.texts`` every N training batches.
+    """Log ``z_behaviour/*`` scalars of ``pl_module.last_rollout.texts`` every N training batches.
 
     Args:
         every_n_steps: log on the batches whose logging step is a multiple of N (the first
             batch, step 0, is logged: the behaviour of the initial policy).
-        split_by_reward: also log ``behaviour/correct/*`` and ``behaviour/wrong/*``.
+        split_by_reward: also log ``z_behaviour/correct/*`` and ``z_behaviour/wrong/*``.
         threshold: a response is right when its reward is > threshold.
     """
 
@@ -68,11 +74,11 @@ class BehaviourLogger(Callback):
             if prefix and responses == 0:
                 continue  # nothing to describe: leave the split out of this step
             for key, value in summary_from_totals(totals, responses).items():
-                metrics[f"behaviour/{prefix}{key}"] = value
+                metrics[f"{FAMILY}/{prefix}{key}"] = value
         return metrics
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = _logging_step(trainer)
+        step = logging_step(trainer)
         rollout = getattr(pl_module, "last_rollout", None)
         if step == self._last_logged or step % self.every_n_steps or rollout is None:
             return

@@ -12,6 +12,8 @@ from prerl.metrics import pass_at_k_curve, pass_at_k_ks
 
 log = logging.getLogger(__name__)
 
+BEHAVIOUR_FAMILY = "z_behaviour"  # training's tag group (prerl.callbacks.behaviours.FAMILY), sorted last
+
 __all__ = ["set_summary", "format_table", "log_to_loggers", "plot_pass_at_k", "curve_of"]
 
 
@@ -106,11 +108,12 @@ def format_table(summaries: dict[str, dict], samples: int) -> str:
 def log_to_loggers(loggers: list, summaries: dict[str, dict]) -> None:
     """Every metric as one scalar ``<set>/<metric>`` (step 0), the pass@k curve as
     ``<set>/pass@k_curve`` indexed by k (the step is k), the behaviour summary as
-    ``<set>/behaviours/<key>``, and on TensorBoard the curve as a figure."""
+    ``z_behaviour/<set>/<key>`` (training's family, sorted after the sets), and on TensorBoard the
+    curve as a figure."""
     for logger in loggers:
         for name, s in summaries.items():
             scalars = {f"{name}/{k}": float(v) for k, v in (s.get("metrics") or {}).items() if v is not None}
-            scalars.update({f"{name}/behaviours/{k}": float(v) for k, v in (s.get("behaviours") or {}).items()})
+            scalars.update({f"{BEHAVIOUR_FAMILY}/{name}/{k}": float(v) for k, v in (s.get("behaviours") or {}).items()})
             if scalars:
                 logger.log_metrics(scalars, step=0)
             for k, v in (s.get("pass_at_k") or {}).items():

@@ -7,7 +7,23 @@ imports such as ``from prerl.models.params import count_parameters`` stay cheap.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
+
+
+class _NoKernelsHubWarning(logging.Filter):
+    """bitsandbytes' CPU backend warns at import, on CPUs with AVX512-BF16, that the optional
+    ``kernels`` package is missing ("Failed to load CPU gemm_4bit_forward from kernels-community").
+    Harmless here: that kernel only serves 4-bit layers repacked into bitsandbytes' CPU inference
+    layout, which prerl turns off (``quant.disable_cpu_inference_repacking``). peft imports
+    bitsandbytes, so every LoRA run would print it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+# Installed before any prerl code imports peft or bitsandbytes (they log through this logger).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubWarning())
 
 _EXPORTS = {
     "ModelSpec": "spec",

@@ -81,10 +81,6 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modul
 
 def is_lora_model(model: torch.nn.Module) -> bool:
     """True for a peft-wrapped model (possibly itself wrapped by DDP / torch.compile)."""
-    from .params import unwrap_policy  # local import: avoid a cycle at import time
+    from .params import _is_peft, unwrap_policy  # local import: avoid a cycle at import time
 
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a hard dependency
-        return False
-    return isinstance(unwrap_policy(model, strip_peft=False), PeftModel)
+    return _is_peft(unwrap_policy(model, strip_peft=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -66,8 +67,7 @@ def unwrap_policy(model: torch.nn.Module, *, strip_peft: bool = True) -> torch.n
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
+    # A peft model exists only once peft is imported: asking an unimported peft would import it,
+    # and with it bitsandbytes (whose CPU backend warns about an optional kernel) on every run.
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)

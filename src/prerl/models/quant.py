@@ -30,6 +30,7 @@ Decisions (measured with bitsandbytes 0.50 / peft 0.21 / transformers 5.24 on CP
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -143,11 +144,10 @@ class QuantizationSettings:
 
 
 def _linear4bit_class():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency
-        return None
-    return bnb.nn.Linear4bit
+    # 4-bit layers exist only once bitsandbytes is imported (by transformers for 4-bit weights, or
+    # by peft): asking an unimported bitsandbytes would import it into every full-weight run.
+    bnb = sys.modules.get("bitsandbytes")
+    return None if bnb is None else bnb.nn.Linear4bit
 
 
 def linear4bit_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
