@@ -71,8 +71,6 @@ def test_tensorboard_opens_on_train_and_val_at_the_update_counts(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
             "experiment=smoke", "trainer.max_steps=4", "trainer.val_check_interval=2",
-            # Lightning's TensorBoard logger adds an `epoch` scalar, a group sorting first; prerl's drops it.
-            "logger.tensorboard._target_=prerl.loggers.TensorBoardLogger",
         ])
     with open_dict(cfg):
         cfg.paths.output_dir = cfg.paths.log_dir = str(tmp_path)
