@@ -39,6 +39,7 @@ def _watch_weights(module: torch.nn.Module):
 def test_bf16_view_gives_the_autocast_tokens_and_is_dropped_after_the_rollout(tiny_tokenizer, options):
     spec = tiny_spec(lora=LoraSettings(r=4, alpha=8))
     policy = spec.build_model().train()
+    torch.manual_seed(0)
     with torch.no_grad():  # LoRA's B starts at 0: make the adapters count
         for name, p in policy.named_parameters():
             if "lora_B" in name:

@@ -110,7 +110,7 @@ def refill_generate(
         tokens: B * num_samples token lists, rows grouped by prompt in the batch's order; each
             ends with its first end token or has ``max_new_tokens`` tokens.
         logprobs: the log-probs of those tokens under the distribution they were drawn from
-            (log softmax of the warped float32 logits; the raw logits when greedy).
+            (softmax of the warped float32 logits; of the raw logits when greedy).
     """
     order = torch.arange(len(prompt_ids)) if order is None else order.cpu()
     pending = deque(int(p) * num_samples + g for p in order for g in range(num_samples))
@@ -134,11 +134,9 @@ def refill_generate(
             else:
                 batch.join(joining)
         scores = warpers(None, batch.logits) if warpers else batch.logits
-        if temperature > 0:
-            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            next_tokens = scores.argmax(dim=-1)
-        drawn = torch.log_softmax(scores, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
+        probs = torch.softmax(scores, dim=-1)
+        next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1) if temperature > 0 else scores.argmax(dim=-1)
+        drawn = probs.gather(1, next_tokens[:, None]).squeeze(1).log()
         for row, token, logprob in zip(batch.rows, next_tokens.tolist(), drawn.tolist()):
             tokens[row].append(token)
             logprobs[row].append(logprob)
