@@ -1,6 +1,7 @@
 """Print a run's per-update training curves from its TensorBoard events.
 
-    python scripts/summarize_run.py logs/dsrl_smollm2_cpu/runs/<timestamp> [--keys train/accuracy,train/phase]
+    python scripts/summarize_run.py logs/dsrl_smollm2_cpu/runs/<run> [--keys train/accuracy,train/phase]
+    python scripts/summarize_run.py logs/dsrl_smollm2_cpu          # a task folder (or its runs/): its newest run
 """
 
 import argparse
@@ -10,6 +11,20 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 DEFAULT_KEYS = "train/phase,train/accuracy,train/kept_frac,train/response_len_mean,train/truncated_frac,train/grad_norm"
+
+
+def run_folder(path: Path) -> Path:
+    """A run folder as given, or the newest run (by modification time) with events of a task folder
+    (logs/<task>) or of its runs/ folder."""
+    if (path / "tensorboard").is_dir():
+        return path
+    runs = path / "runs" if (path / "runs").is_dir() else path
+    found = [run for run in runs.iterdir() if (run / "tensorboard").is_dir()] if runs.is_dir() else []
+    if not found:
+        sys.exit(f"{path}: neither a run folder (with tensorboard/) nor a task folder with runs that have one")
+    newest = max(found, key=lambda run: run.stat().st_mtime)
+    print(f"{newest}", file=sys.stderr)
+    return newest
 
 
 def curves(run_dir: Path, keys: list[str]) -> dict[str, dict[int, float]]:
@@ -28,7 +43,7 @@ def main() -> None:
     parser.add_argument("--keys", default=DEFAULT_KEYS)
     args = parser.parse_args()
     keys = args.keys.split(",")
-    data = curves(args.run_dir, keys)
+    data = curves(run_folder(args.run_dir), keys)
     steps = sorted(set().union(*(d.keys() for d in data.values())))
     print("step " + " ".join(f"{k.split('/', 1)[-1]:>16}" for k in keys))
     for step in steps:

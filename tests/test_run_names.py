@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 import prerl.run_folder as run_folder
 from prerl.train import train
 from test_configs import compose_train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_run_folder_is_named_by_objective_switch_step_and_seed_then_time(monkeypatch):
@@ -52,3 +55,20 @@ def test_a_run_that_fails_while_setting_up_leaves_no_tensorboard_run(tmp_path):
     with pytest.raises(ValueError, match="line 2"):  # found while the trainer sets up the data
         train(cfg)
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_summarize_run_takes_a_task_folder_as_its_newest_run(tmp_path):
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("summarize_run", ROOT / "scripts" / "summarize_run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name, age in (("grpo-seed1-a", 200), ("dual_S8-seed1-b", 100), ("failed-no-events", 0)):
+        (tmp_path / "task" / "runs" / name / ("tensorboard" if "events" not in name else "checkpoints")).mkdir(parents=True)
+        os.utime(tmp_path / "task" / "runs" / name, (1e9 - age, 1e9 - age))
+    newest = tmp_path / "task" / "runs" / "dual_S8-seed1-b"
+    assert script.run_folder(tmp_path / "task") == newest == script.run_folder(tmp_path / "task" / "runs")
+    assert script.run_folder(newest) == newest
+    with pytest.raises(SystemExit, match="neither a run folder"):
+        script.run_folder(tmp_path / "task" / "runs" / "failed-no-events")
