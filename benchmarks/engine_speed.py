@@ -25,7 +25,8 @@ under ``torch.autocast(bf16, cache_enabled=False)``, as Lightning's ``bf16-mixed
 ``--hf-variants`` ``hf-static`` / ``hf-compiled``; with ``--hf-cb`` ``hf-cb`` (transformers'
 ``generate_batch``, paged KV cache sized to the batch).
 
-Reported per mode, median over reps: generated tokens (end token included) per second of
+With ``--temperature 0`` each rep also prints whether every mode's greedy tokens equal ``hf``'s
+(the autocast modes: ``hf-autocast``'s). Reported per mode, median over reps: generated tokens (end token included) per second of
 ``engine.generate``; ms per decode step (time inside one-token forwards / their number; for
 ``hf-cb``, whose forwards mix prefill and decode tokens, all forwards); decoded row-steps (rows x
 one-token forwards) over generated tokens (1.0 = no row decoded past its end); and each figure's
@@ -283,8 +284,10 @@ def main() -> None:
 
     names = list(engines)
     results = {n: [] for n in names}
+    greedy_equal = {n: [] for n in names}
     for rep, batch in enumerate(data):
         order = names if rep % 2 == 0 else names[::-1]
+        outs = {}
         for name in order:
             engine, autocast = engines[name]
             meter = None if name.startswith("vllm") else DecodeMeter(policy, all_forwards=name == "hf-cb")
@@ -312,6 +315,12 @@ def main() -> None:
                   f"others used {100 * busy:.0f}% CPU", flush=True)
             if rep > 0:
                 results[name].append(row)
+            outs[name] = out.response_ids * out.response_mask
+        if args.temperature == 0:  # greedy: each mode's tokens against generate's in the same numerics
+            same = {n: torch.equal(o, outs["hf-autocast" if engines[n][1] else "hf"]) for n, o in outs.items()}
+            for n in names:
+                greedy_equal[n].append(same[n])
+            print(f"rep {rep} greedy tokens equal to hf (autocast modes: to hf-autocast): {same}", flush=True)
 
     summary = {}
     base = results["hf"]
@@ -323,6 +332,8 @@ def main() -> None:
         entry = {"tokens_per_s_median": median("tokens_per_s"), "tokens_per_s_vs_hf": round(ratio("tokens_per_s"), 3),
                  "min": min(r["tokens_per_s"] for r in rows), "max": max(r["tokens_per_s"] for r in rows),
                  "others_busy_max": max(r["others_busy"] for r in rows), **info.get(name, {})}
+        if args.temperature == 0:
+            entry["greedy_equal_all_reps"] = all(greedy_equal[name])
         if "ms_per_step" in rows[0]:
             entry.update(ms_per_step_median=median("ms_per_step"), ms_per_step_vs_hf=round(ratio("ms_per_step"), 3),
                          row_steps_per_token_median=None if rows[0]["row_steps_per_token"] is None
