@@ -29,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from prerl import preemption
 from prerl.atomic_files import write_text_atomic
 from prerl.callbacks import FaultCheckpoint
-from prerl.checkpointing import checkpoint_step, is_valid_checkpoint, resolve_checkpoint
+from prerl.checkpointing import checkpoint_step, resolve_checkpoint
 from prerl.console import log_traceback
 from prerl.hparams import log_run_hparams
 from prerl.module import check_phases
@@ -156,7 +156,7 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> str | None:
     if cfg.get("ckpt_path") is not None:
         return resolve_checkpoint(cfg.ckpt_path, runs_dir=runs_dir(cfg), accept=same_model(cfg))
     own = output_dir / "checkpoints"
-    if own.is_dir() and any(is_valid_checkpoint(p) for p in own.glob("*.ckpt")):
+    if own.is_dir() and any(own.glob("*.ckpt")):  # none of them intact: resolve_checkpoint says so, no silent restart
         found = resolve_checkpoint(output_dir)
         log.warning("continuing run %s in its own folder from %s (step %s)", output_dir.name, found,
                     checkpoint_step(found))
