@@ -117,6 +117,25 @@ class FailingRandomReward:
         return self.inner(responses, problems)
 
 
+class HangingRandomReward(FailingRandomReward):
+    """The random reward that, on its ``hang_on_call``-th call, is sent SIGTERM and then hangs (a
+    verifier stuck in a loop when the scheduler pre-empts the job)."""
+
+    def __init__(self, p: float = 0.5, seed: int = 0, hang_on_call: int = 3, hang_s: float = 30.0):
+        super().__init__(p=p, seed=seed, fail_on_call=0)
+        self.hang_on_call, self.hang_s = int(hang_on_call), float(hang_s)
+
+    def __call__(self, responses, problems):
+        import os
+        import signal
+        import time
+
+        if self.calls + 1 == self.hang_on_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(self.hang_s)
+        return super().__call__(responses, problems)
+
+
 class SignalAt(L.Callback):
     """A callback that sends this process ``signal`` at the start of the batch after ``step`` updates
     (SIGKILL: the process dies on the spot, as under the OOM killer). ``group``: to every process

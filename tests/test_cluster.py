@@ -109,6 +109,15 @@ def test_sigusr1_slurms_warning_signal_preempts_like_sigterm(tmp_path, monkeypat
     assert signal.getsignal(signal.SIGUSR1) == before  # the handler was restored
 
 
+# ------------------------------------------------------------------ 6. a hung reward
+def test_sigterm_while_a_reward_hangs_saves_the_batch_start_and_stops_at_once(tmp_path):
+    started = time.monotonic()
+    summary = train(_smoke(tmp_path, 5, "reward._target_=helpers.HangingRandomReward", "+reward.hang_on_call=3"))
+    assert time.monotonic() - started < 20  # not the reward's 30 s
+    assert summary["status"] == "preempted" and summary["global_step"] == 2
+    assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 2  # the state at the start of step 3
+
+
 # ------------------------------------------------------------------ 3. one live run per folder
 def test_a_live_lock_is_refused_and_a_dead_runs_lock_reclaimed(tmp_path, monkeypatch):
     lock = RunLock(tmp_path).acquire()
