@@ -89,6 +89,8 @@ class PreRLModule(LightningModule):
             ``no_signal="skip"`` a task the policy never solves would otherwise loop forever).
         num_text_samples: responses kept from each rollout for the text-sample logger (the whole
             latest rollout is ``last_rollout``, for analysis callbacks).
+        peak_tflops: the device's measured bf16 matmul TFLOP/s (scripts/gpu_check.py prints it); when
+            set, ``train/perf/update_peak_frac`` is the update's share of it.
     """
 
     # Training state saved in checkpoints besides weights and optimizer (the DSRL phase, counters).
@@ -112,6 +114,7 @@ class PreRLModule(LightningModule):
         max_consecutive_nonfinite: int = 3,
         max_consecutive_no_signal: int = 50,
         num_text_samples: int = 4,
+        peak_tflops: float | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -141,7 +144,8 @@ class PreRLModule(LightningModule):
         self.max_consecutive_no_signal = max_consecutive_no_signal
         self.num_text_samples = num_text_samples
         self.updater = PolicyUpdater(
-            self, self.update_cfg, self.rollout_cfg.temperature, self.rollout_cfg.max_new_tokens, max_consecutive_nonfinite
+            self, self.update_cfg, self.rollout_cfg.temperature, self.rollout_cfg.max_new_tokens, max_consecutive_nonfinite,
+            peak_tflops,
         )
         self.engine = None
         self.policy: torch.nn.Module | None = None

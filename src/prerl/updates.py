@@ -12,18 +12,25 @@
    parameter gets a zero gradient and AdamW still steps, as in the authors' code.
 5. A non-finite loss or gradient norm skips the update (weights untouched); several in a row stop
    training.
+6. Every scoring pass adds its model FLOPs (``prerl.flops``: from the rows and padded width it
+   forwards) to the update's count: ``perf/update_tflops`` is that count over the wall time of
+   ``run`` (per rank), ``perf/update_peak_frac`` its fraction of ``peak_tflops`` when given.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 
 from prerl.algorithms import truncated_is_weights
+from prerl.flops import ModelShape, forward_flops, training_flops
 from prerl.micro_batches import micro_batch_indices
+from prerl.models.lora import is_lora_model
+from prerl.models.params import unwrap_policy
 from prerl.objectives import Objective, UpdateBatch
 from prerl.scoring import score_responses
 from prerl.settings import UpdateConfig
@@ -80,11 +87,16 @@ class PolicyUpdater:
         temperature: the sampling temperature (logits are divided by it when scoring).
         norm_length: the constant of ``seq-mean-token-sum-norm`` (the max response length).
         max_consecutive_nonfinite: stop after this many skipped non-finite updates in a row.
+        peak_tflops: the device's bf16 matmul rate (measured, e.g. by scripts/gpu_check.py), for
+            ``perf/update_peak_frac``; None: not reported.
     State saved in checkpoints: ``consecutive_nonfinite``, ``nonfinite_total``.
     """
 
-    def __init__(self, host, cfg: UpdateConfig, temperature: float, norm_length: int, max_consecutive_nonfinite: int):
+    def __init__(self, host, cfg: UpdateConfig, temperature: float, norm_length: int, max_consecutive_nonfinite: int,
+                 peak_tflops: float | None = None):
         self.host = host
+        self.peak_tflops = peak_tflops
+        self.flops = 0  # model FLOPs of the scoring passes since ``run`` began
         self.cfg = cfg
         self.temperature = temperature or 1.0
         self.norm_length = norm_length
@@ -100,6 +112,7 @@ class PolicyUpdater:
     # ------------------------------------------------------------------ scoring
     def score(self, batch: UpdateBatch, with_entropy: bool = False, model=None):
         """Log-probs (and entropies) (M, T) of ``batch``'s responses after its prefixes."""
+        self.flops += self.pass_flops(batch)
         return score_responses(
             model if model is not None else self.host.policy,
             batch.prefix_ids,
@@ -110,6 +123,18 @@ class PolicyUpdater:
             with_entropy=with_entropy,
             chunk_tokens=self.cfg.logprob_chunk_tokens,
         )
+
+    def pass_flops(self, batch: UpdateBatch) -> int:
+        """Model FLOPs of one scoring pass over ``batch``: forward + backward under autograd, else forward."""
+        policy = self.host.policy
+        shape = ModelShape.from_config(unwrap_policy(policy).config)
+        rows, response_width = batch.response_ids.shape
+        width = batch.prefix_ids.shape[1] + response_width
+        # the chunked head projects the real response tokens only; else logits_to_keep = width + 1
+        head = int(batch.response_mask.sum()) if self.cfg.logprob_chunk_tokens else rows * (response_width + 1)
+        if torch.is_grad_enabled():
+            return training_flops(shape, rows, width, head, weights_trained=not is_lora_model(policy))
+        return forward_flops(shape, rows, width, head)
 
     def micro_batches(self, batch: UpdateBatch) -> list[tuple[torch.Tensor, UpdateBatch]]:
         """(row index, sub-batch) of each micro-batch: ``micro_batch_size`` rows, packed under
@@ -156,6 +181,7 @@ class PolicyUpdater:
         ``with_entropy`` also the mean entropy of the forwarded tokens per space (``entropy/<space>``,
         from the logits the update computes anyway)."""
         cfg = self.cfg
+        started, self.flops = time.perf_counter(), 0
         num_updates = cfg.epochs * cfg.mini_batches
         for term in terms:
             batch = term.batch
@@ -190,7 +216,13 @@ class PolicyUpdater:
                     for key, value in step_metrics.items():
                         totals[key] = totals.get(key, 0.0) + value
                         reported[key] = reported.get(key, 0) + 1
-        return {key: torch.tensor(value / reported[key]) for key, value in totals.items()}
+        metrics = {key: torch.tensor(value / reported[key]) for key, value in totals.items()}
+        # Each update ends by reading its metrics off the device, so the kernels have finished here.
+        tflops = self.flops / max(time.perf_counter() - started, 1e-9) / 1e12
+        metrics["perf/update_tflops"] = torch.tensor(tflops)
+        if self.peak_tflops:
+            metrics["perf/update_peak_frac"] = torch.tensor(tflops / self.peak_tflops)
+        return metrics
 
     def _optimizer_update(self, terms: list[LossTerm], with_entropy: bool) -> dict[str, float] | None:
         """Accumulate one mini-batch's loss over micro-batches, then take one optimizer step.
