@@ -337,10 +337,11 @@ def main() -> None:
         if "ms_per_step" in rows[0]:
             entry.update(ms_per_step_median=median("ms_per_step"), ms_per_step_vs_hf=round(ratio("ms_per_step"), 3),
                          row_steps_per_token_median=None if rows[0]["row_steps_per_token"] is None
-                         else median("row_steps_per_token"))
+                         else round(median("row_steps_per_token"), 3))
         summary[name] = entry
         step = (f"{entry['ms_per_step_median']:8.2f} {entry['ms_per_step_vs_hf']:6.2f} "
-                f"{entry['row_steps_per_token_median'] or '-':>16}" if "ms_per_step_median" in entry else f"{'-':>8} {'-':>6} {'-':>16}")
+                f"{entry['row_steps_per_token_median'] or '-':>16}" if "ms_per_step_median" in entry
+                else f"{'-':>8} {'-':>6} {'-':>16}")
         print(f"{name:>14} {entry['tokens_per_s_median']:8.1f} {entry['tokens_per_s_vs_hf']:6.2f} {step}", flush=True)
     import transformers
 
