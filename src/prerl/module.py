@@ -15,9 +15,10 @@ The step does no file I/O: samples for TensorBoard are kept in memory for a call
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from lightning import LightningModule
@@ -150,6 +151,10 @@ class PreRLModule(LightningModule):
         self.engine = None
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
+        # The KL reference copied from the policy (DSRL's reference_at_switch=policy): the update at
+        # which it was copied (-1: the initial model) and, with LoRA, the adapter tensors it had then.
+        self.reference_step = -1
+        self.ref_adapter: dict[str, torch.Tensor] | None = None
         self.phase = 0
         self.no_signal_total = 0
         self.consecutive_no_signal = 0
@@ -201,15 +206,63 @@ class PreRLModule(LightningModule):
             log.info("dropout disabled in the policy (module.disable_dropout=true)")
         if self.update_cfg.logprob_chunk_tokens:
             check_chunkable(policy)
-        needs_reference = any(obj.kl_coef for phase in self.phases for obj, _ in phase)
-        if needs_reference and not hasattr(policy, "disable_adapter"):
+        if self._needs_reference() and not hasattr(policy, "disable_adapter"):
             # Full fine-tuning needs a frozen copy; with LoRA the adapter is switched off instead.
             self.ref_policy = self._shard(self.model_spec.build_model().requires_grad_(False).eval())
+        if (self._needs_reference() and hasattr(policy, "disable_adapter") and self._is_sharded()
+                and getattr(self.objective, "reference_at_switch", "base") == "policy"):
+            raise ValueError("objective.reference_at_switch=policy: a sharded LoRA policy's adapter cannot be copied "
+                             "into the KL reference (each rank holds a shard); set objective.reference_at_switch=base")
         self.policy = self._shard(policy)
         self.engine = build_engine(
             self.rollout_cfg.engine, policy=lambda: self.policy, tokenizer=self.tokenizer, synced_gpus=self._is_sharded,
             **dict(self.rollout_cfg.engine_options),
         )
+
+    def _needs_reference(self) -> bool:
+        return any(obj.kl_coef for phase in self.phases for obj, _ in phase)
+
+    @torch.no_grad()
+    def reference_from_policy(self) -> bool:
+        """Make the KL reference a frozen copy of the policy as it is now (the authors'
+        ``update_ref_from_actor`` at the DSRL switch); False when no term has a KL penalty."""
+        if not self._needs_reference():
+            return False
+        if self.ref_policy is not None:
+            # Both were built from the spec and sharded alike: the same parameters, in order.
+            for (name, ref), (_, own) in zip(self._named_tensors(self.ref_policy), self._named_tensors(self.policy),
+                                             strict=True):
+                if ref.shape != own.shape:
+                    raise RuntimeError(f"KL reference and policy differ at {name}: {tuple(ref.shape)} vs {tuple(own.shape)}")
+                ref.copy_(own)
+        else:
+            self.ref_adapter = {n: p.detach().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+        self.reference_step = self.global_step
+        return True
+
+    @staticmethod
+    def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [*model.named_parameters(), *model.named_buffers()]
+
+    @contextlib.contextmanager
+    def lora_reference(self) -> Iterator[None]:
+        """The LoRA policy as its KL reference: the adapter switched off (the base model), or the
+        adapter's tensors of the switch swapped in for the duration (reference_at_switch=policy)."""
+        if self.ref_adapter is None:
+            with self.policy.disable_adapter():
+                yield
+            return
+        params = dict(self.policy.named_parameters())
+        current = {n: params[n].detach().clone() for n in self.ref_adapter}
+        with torch.no_grad():
+            for n, value in self.ref_adapter.items():
+                params[n].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, value in current.items():
+                    params[n].copy_(value)
 
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
         strategy = self._trainer.strategy if self._trainer is not None else None
@@ -246,7 +299,8 @@ class PreRLModule(LightningModule):
 
             adaptive = self.objective.adaptive_switch
             rule = SwitchRule(**adaptive) if adaptive else None
-            return [PhaseSwitch(self.objective.switch_step, self.objective.reset_optimizer, rule)]
+            return [PhaseSwitch(self.objective.switch_step, self.objective.reset_optimizer, rule,
+                                reference_from_policy=self.objective.reference_at_switch == "policy")]
         return []
 
     # ---------------------------------------------------------------- state in checkpoints
@@ -262,11 +316,12 @@ class PreRLModule(LightningModule):
         """The state-dict entries a checkpoint must hold; None = all (Lightning's default).
 
         With LoRA only the adapters: the frozen (possibly 4-bit) base is rebuilt from the model
-        spec. A frozen KL reference copy is never saved: it is rebuilt too.
+        spec. A frozen KL reference copy of the initial model is not saved: it is rebuilt too; one
+        copied from the policy at the DSRL switch is (with LoRA: its adapter, ``prerl_ref_adapter``).
         """
         if self._adapter_only():
             return self._trainable_keys()
-        if self.ref_policy is not None:
+        if self.ref_policy is not None and self.reference_step < 0:
             return {k for k in self.state_dict() if not k.startswith("ref_policy.")}
         return None
 
@@ -277,6 +332,9 @@ class PreRLModule(LightningModule):
         checkpoint["prerl_rng"] = self._gather_rng_states()
         checkpoint["prerl_state"] = {key: getattr(self, key) for key in self.STATE_KEYS}
         checkpoint["prerl_state"]["num_phases"] = len(self.phases)
+        checkpoint["prerl_state"]["reference_step"] = self.reference_step
+        if self.ref_adapter is not None:
+            checkpoint["prerl_ref_adapter"] = {n: v.cpu() for n, v in self.ref_adapter.items()}
         if self._in_batch and "loops" in checkpoint:
             rewind_to_previous_batch_end(checkpoint["loops"])
 
@@ -301,6 +359,9 @@ class PreRLModule(LightningModule):
             raise KeyError("checkpoint has no 'prerl_state': it was not written by PreRLModule")
         check_phases(state, len(self.phases))
         self._check_tensor_shapes(checkpoint.get("state_dict"))
+        # Before the required keys: a reference copied from the policy is in the checkpoint.
+        self.reference_step = int(state.get("reference_step", -1))
+        self.ref_adapter = checkpoint.get("prerl_ref_adapter")
         required = self._saved_keys()
         if required is not None and isinstance(checkpoint.get("state_dict"), dict):
             missing = required - set(checkpoint["state_dict"])

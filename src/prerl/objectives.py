@@ -25,6 +25,7 @@ from prerl.algorithms import (
 )
 from prerl.rollout import Rollout
 
+REFERENCE_AT_SWITCH = ("policy", "base")  # DualSpaceSchedule.reference_at_switch
 
 @dataclass
 class UpdateBatch:
@@ -274,6 +275,9 @@ class DualSpaceSchedule:
         adaptive_switch: None (the paper's fixed step), or the fields of a
             ``prerl.switch_rules.SwitchRule`` (rule, metric, value, ...): switch earlier when it
             fires; ``switch_step`` is then the latest switch.
+        reference_at_switch: the KL reference of phase 2 when a term has a KL penalty: ``policy``
+            (the authors' ``update_ref_from_actor``: a copy of the policy made at the switch) or
+            ``base`` (the initial model throughout). Without a KL term there is no reference.
     """
 
     def __init__(
@@ -284,9 +288,13 @@ class DualSpaceSchedule:
         warmup_conditional_coef: float = 0.0,
         reset_optimizer: bool = False,
         adaptive_switch: dict | None = None,
+        reference_at_switch: str = "policy",
     ):
         if switch_step < 0:
             raise ValueError(f"switch_step must be >= 0, got {switch_step}")
+        if reference_at_switch not in REFERENCE_AT_SWITCH:
+            raise ValueError(f"objective.reference_at_switch={reference_at_switch!r}: choose policy (a copy of the "
+                             "policy at the switch, the authors') or base (the initial model)")
         self.adaptive_switch = dict(adaptive_switch) if adaptive_switch else None
         if self.adaptive_switch:
             from prerl.switch_rules import SwitchRule
@@ -297,6 +305,7 @@ class DualSpaceSchedule:
         self.switch_step = int(switch_step)
         self.warmup_conditional_coef = float(warmup_conditional_coef)
         self.reset_optimizer = reset_optimizer
+        self.reference_at_switch = reference_at_switch
 
     def phases(self) -> list[list[tuple[Objective, float]]]:
         """Loss terms (objective, weight) of each phase."""

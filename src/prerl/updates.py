@@ -172,7 +172,7 @@ class PolicyUpdater:
     def _reference_logprobs(self, batch: UpdateBatch, placeholder: UpdateBatch) -> torch.Tensor:
         if self.host.ref_policy is not None:
             return self.score_no_grad(batch, placeholder, model=self.host.ref_policy)[0]
-        with self.host.policy.disable_adapter():  # LoRA: the base model is the reference
+        with self.host.lora_reference():  # LoRA: the base model, or the adapter copied at the DSRL switch
             return self.score_no_grad(batch, placeholder)[0]
 
     # ------------------------------------------------------------------ updates

@@ -26,17 +26,21 @@ class PhaseSwitch(Callback):
     batch once it fires; ``switch_step`` stays the latest switch.
 
     Nothing is reset: weights, optimizer state, learning rate and data stream carry over, unless
-    ``reset_optimizer`` asks to clear the optimizer state. The phase is module state and the rule's
-    trigger state is this callback's, both saved in checkpoints, so a resumed run continues in its
-    phase and switches where an uninterrupted one would.
+    ``reset_optimizer`` asks to clear the optimizer state. With ``reference_from_policy`` and a KL
+    term, the KL reference becomes a copy of the policy at the switch (the authors'
+    ``update_ref_from_actor``), so phase 2's KL starts at 0. The phase, the copied reference and the
+    rule's trigger state are saved in checkpoints, so a resumed run continues in its phase, against
+    its reference, and switches where an uninterrupted one would.
 
     A run in phase 1 whose ``trainer.max_steps`` ends before ``switch_step`` (and no rule) logs a
     warning when training starts: it would never reach phase 2.
     """
 
-    def __init__(self, switch_step: int = 20, reset_optimizer: bool = False, rule: SwitchRule | None = None):
+    def __init__(self, switch_step: int = 20, reset_optimizer: bool = False, rule: SwitchRule | None = None,
+                 reference_from_policy: bool = False):
         self.switch_step = int(switch_step)
         self.reset_optimizer = reset_optimizer
+        self.reference_from_policy = reference_from_policy
         self.rule = rule
         self.switched_at: int | None = None
 
@@ -58,12 +62,14 @@ class PhaseSwitch(Callback):
             if self.reset_optimizer:
                 for optimizer in trainer.optimizers:
                     optimizer.state.clear()
+            copied = self.reference_from_policy and pl_module.reference_from_policy()
             why = (f"{self.rule.metric} triggered the {self.rule.rule} rule"
                    if self.rule is not None and self.rule.fired_at is not None else f"the fixed step {self.switch_step}")
             log.info(
-                "DSRL: switched to phase 2 (%s) at step %d (%s)%s",
+                "DSRL: switched to phase 2 (%s) at step %d (%s)%s%s",
                 ", ".join(repr(o) for o, _ in pl_module.phase_terms), trainer.global_step, why,
                 " with a fresh optimizer state" if self.reset_optimizer else "",
+                "; the KL reference is now a copy of the policy" if copied else "",
             )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
