@@ -141,7 +141,8 @@ def sampling_view(policy: torch.nn.Module, dtype_name: str, sharded: bool, rows:
         log.info("sampling_weights=%s: %s: sampling from the policy as it is", dtype_name, reason)
         yield None, sharded
         return
-    with torch.autocast(device.type, dtype=dtype):
+    # cache_enabled=False: a cast autocast cached here would outlive the rollout inside Lightning's autocast
+    with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
         if sharded:
             copy = _gathered_copy(policy, dtype)
             try:
