@@ -25,13 +25,14 @@ from lightning import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torchmetrics import MeanMetric, SumMetric
 
+from prerl.algorithms import masked_mean
 from prerl.checkpointing import capture_rng_state, check_phases, restore_rng_state, rewind_to_previous_batch_end
 from prerl.config_fields import from_mapping
 from prerl.engines import build_engine
 from prerl.metrics import engine_mismatch, pass_at_k, rollout_metrics, space_diagnostics
 from prerl.models.params import count_parameters, disable_dropout
 from prerl.objectives import ConditionalRL, DualSpaceSchedule, MarginalRL, Objective, phases_of
-from prerl.rollout import Rollout, decode
+from prerl.rollout import Rollout, decode, eos_ids
 from prerl.scoring import check_chunkable
 from prerl.settings import RolloutConfig, UpdateConfig, ValidationConfig, require
 from prerl.updates import LossTerm, NonFiniteLossError, PolicyUpdater
@@ -82,8 +83,9 @@ class PreRLModule(LightningModule):
             update scores, per space (``train/entropy/<space>``), from the logits it computes
             anyway; 0 disables.
         cross_space_diagnostics_every_n_steps: every N updates score every response in both
-            spaces (two extra no-grad passes): entropies (``train/rollout_entropy/<space>``) and
-            the log-prob gap; 0 disables.
+            spaces (two extra no-grad passes): entropies (``train/rollout_entropy/<space>``), the
+            log-prob gap, and under P(y) the top-1/2/3 and end-of-response probabilities
+            (``train/marginal_probs/*``, as the authors log); 0 disables.
         max_consecutive_nonfinite: stop after this many skipped non-finite updates in a row.
         max_consecutive_no_signal: stop after this many batches in a row without learning
             signal: the reward never fires or the task is too hard or too easy (with
@@ -464,17 +466,24 @@ class PreRLModule(LightningModule):
         return terms
 
     def _cross_space_diagnostics(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """Entropy in both spaces and their log-prob gap, over every response of the batch."""
+        """Entropy in both spaces and their log-prob gap, over every response of the batch; from the
+        question-free pass also the top-1/2/3 and end-of-response probabilities under P(y) that the
+        authors log (``marginal_probs/*``)."""
         zeros = torch.zeros_like(rollout.rewards)
         keep_all = torch.ones_like(rollout.rewards, dtype=torch.bool)
         first_row = torch.zeros_like(keep_all)
         first_row[0] = True
-        scored = []
-        for space in (ConditionalRL(), MarginalRL()):
-            full = space.select(rollout, zeros, keep_all)
-            scored.append(self.updater.score_no_grad(full, space.select(rollout, zeros, first_row), with_entropy=True))
-        (lc, ec), (lm, em) = scored
-        return space_diagnostics(lc, lm, ec, em, full.response_mask)
+        conditional, marginal = ConditionalRL(), MarginalRL()
+        full = conditional.select(rollout, zeros, keep_all)
+        lc, ec = self.updater.score_no_grad(full, conditional.select(rollout, zeros, first_row), with_entropy=True)
+        full = marginal.select(rollout, zeros, keep_all)
+        stop_ids = eos_ids(getattr(self.policy, "generation_config", None), self.tokenizer)
+        lm, em, summary = self.updater.score_and_summarize_no_grad(
+            full, marginal.select(rollout, zeros, first_row), stop_ids)
+        metrics = space_diagnostics(lc, lm, ec, em, full.response_mask)
+        for i, key in enumerate(("top1", "top2", "top3", "eos")):
+            metrics[f"marginal_probs/{key}"] = masked_mean(summary[..., i], full.response_mask)
+        return metrics
 
     def _response_entropy(self, rollout: Rollout) -> torch.Tensor:
         """(N, T) entropy of the policy at each sampled token, after the prompt (0 on padding)."""

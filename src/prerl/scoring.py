@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from prerl.algorithms import chunked_token_logprobs, entropy_from_logits, token_logprobs
+from prerl.algorithms import chunked_token_logprobs, entropy_from_logits, summarize_logits, token_logprobs
 from prerl.models.params import unwrap_policy
 
 
@@ -132,3 +132,56 @@ def score_responses(
     logprobs = token_logprobs(logits, response_ids, temperature) * response_mask
     entropy = entropy_from_logits(logits, temperature) * response_mask if with_entropy else None
     return logprobs, entropy
+
+
+@torch.no_grad()
+def score_and_summarize(
+    policy,
+    prefix_ids: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    stop_ids: list[int],
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``score_responses`` with entropies, plus each position's top-1/2/3 probabilities and
+    probability of ending the response (``summarize_logits``), from the same no-grad forward.
+
+    Returns:
+        logprobs (N, T), entropy (N, T), summary (N, T, 4), float32, 0 where response_mask is 0.
+    """
+    input_ids, attention_mask, position_ids = join_prefix_response(prefix_ids, prefix_mask, response_ids, response_mask)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                  logits_to_keep=response_ids.shape[1] + 1)
+    if not chunk_tokens:
+        values = summarize_logits(policy(**inputs).logits[:, :-1], response_ids, stop_ids, temperature)
+        values = values * response_mask.unsqueeze(-1)
+        return values[..., 0], values[..., 1], values[..., 2:]
+    head = unwrap_policy(policy).get_output_embeddings()
+    had_own, previous = "forward" in head.__dict__, head.__dict__.get("forward")
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        # As _chunked_head: only the real response positions are projected, chunk_tokens at a time.
+        n, t, h = hidden[:, :-1].shape
+        where = response_mask.reshape(-1).nonzero().squeeze(1)
+        states = hidden[:, :-1].reshape(n * t, h).index_select(0, where)
+        targets = response_ids.reshape(-1).index_select(0, where)
+        pieces = [
+            summarize_logits(torch.nn.functional.linear(states[i : i + chunk_tokens], head.weight, head.bias),
+                             targets[i : i + chunk_tokens], stop_ids, temperature)
+            for i in range(0, targets.numel(), chunk_tokens)
+        ]
+        values = torch.cat(pieces) if pieces else hidden.new_zeros(0, 6, dtype=torch.float32)
+        out = values.new_zeros(n * t, 6).index_copy(0, where, values).view(n, t, 6)
+        return torch.nn.functional.pad(out, (0, 0, 0, 1))
+
+    head.forward = forward
+    try:
+        values = policy(**inputs).logits[:, :-1].float()
+    finally:
+        if had_own:
+            head.forward = previous
+        else:
+            del head.forward
+    return values[..., 0], values[..., 1], values[..., 2:]

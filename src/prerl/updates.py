@@ -32,7 +32,7 @@ from prerl.micro_batches import micro_batch_indices
 from prerl.models.lora import is_lora_model
 from prerl.models.params import unwrap_policy
 from prerl.objectives import Objective, UpdateBatch
-from prerl.scoring import score_responses
+from prerl.scoring import score_and_summarize, score_responses
 from prerl.settings import UpdateConfig
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,28 @@ class PolicyUpdater:
                 if with_entropy:
                     entropy[index, : ent.shape[1]] = ent
         return logprobs, entropy
+
+    @torch.no_grad()
+    def score_and_summarize_no_grad(
+        self, batch: UpdateBatch, placeholder: UpdateBatch, stop_ids: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``score_no_grad`` with entropies, plus each token's top-1/2/3 and end probabilities (M, T, 4)."""
+        logprobs = torch.zeros_like(batch.response_mask, dtype=torch.float32)
+        entropy = torch.zeros_like(logprobs)
+        summary = logprobs.new_zeros(*logprobs.shape, 4)
+        micro = self.micro_batches(batch)
+        for i in range(self.collectives.max(len(micro))):
+            index, part = micro[i] if i < len(micro) else (None, placeholder)
+            self.flops += self.pass_flops(part)
+            lp, ent, summ = score_and_summarize(
+                self.host.policy, part.prefix_ids, part.prefix_mask, part.response_ids, part.response_mask, stop_ids,
+                temperature=self.temperature, chunk_tokens=self.cfg.logprob_chunk_tokens,
+            )
+            if index is not None:
+                logprobs[index, : lp.shape[1]] = lp
+                entropy[index, : ent.shape[1]] = ent
+                summary[index, : summ.shape[1]] = summ
+        return logprobs, entropy, summary
 
     def _reference_logprobs(self, batch: UpdateBatch, placeholder: UpdateBatch) -> torch.Tensor:
         if self.host.ref_policy is not None:

@@ -2,7 +2,7 @@
 
 from prerl.algorithms.advantages import ADVANTAGES, is_correct
 from prerl.algorithms.filters import FILTERS
-from prerl.algorithms.logprobs import chunked_token_logprobs, entropy_from_logits, token_logprobs
+from prerl.algorithms.logprobs import chunked_token_logprobs, entropy_from_logits, summarize_logits, token_logprobs
 from prerl.algorithms.losses import (
     AGG_MODES,
     aggregate,
@@ -23,6 +23,7 @@ __all__ = [
     "is_correct",
     "kl_penalty",
     "masked_mean",
+    "summarize_logits",
     "token_logprobs",
     "truncated_is_weights",
 ]

@@ -41,6 +41,30 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(dim=-1)
 
 
+def summarize_logits(
+    logits: torch.Tensor, labels: torch.Tensor, stop_ids: list[int], temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-prob of each label, entropy, and how peaked the distribution is and how likely it ends
+    the response there, from one float32 copy of the logits (the memory of the entropy path).
+
+    Args:
+        logits: (..., V) the logits that predict each label; labels: (...) token ids;
+        stop_ids: the token ids that end a response.
+    Returns:
+        (..., 6) float32: log-prob, entropy, the largest, second and third probability of
+        softmax(logits / temperature), and the summed probability of ``stop_ids``.
+    """
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    logprobs = z.gather(-1, labels.unsqueeze(-1)) - lse
+    probs = (z - lse).exp_()
+    entropy = lse - (probs * z).sum(dim=-1, keepdim=True)
+    stop = probs[..., list(stop_ids)].sum(dim=-1, keepdim=True)
+    return torch.cat([logprobs, entropy, probs.topk(3, dim=-1).values, stop], dim=-1)
+
+
 def _head_chunk(
     hidden: torch.Tensor,
     weight: torch.Tensor,
