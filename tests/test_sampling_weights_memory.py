@@ -48,8 +48,8 @@ def test_generation_items_are_replaced_and_training_is_unchanged():
             built = dict(after.phase("sampling copy").items)
             assert built["gathered full state (fp32)"] == 4 * after.params["total"] and COPY in built
         else:
-            assert gone == {"autocast bf16 copies of the weights"} and set(new) - set(old) == {VIEW}
-            assert new[VIEW] == old["autocast bf16 copies of the weights"]  # the same bytes, now explicit
+            # the view replaces autocast's per-use cast of one weight at a time (no cast cache in Lightning)
+            assert gone == {"autocast bf16 cast of one weight (no cast cache)"} and set(new) - set(old) == {VIEW}
 
 
 def test_config_mapping():
