@@ -26,7 +26,11 @@ against estimated memory.
     python scripts/gpu_check.py                                     # the check (GPU, real shapes)
     python scripts/gpu_check.py --device cpu --model tiny --max-new-tokens 8 --prompt-len 48   # CI
     python scripts/gpu_check.py --settings '' --paths bf16,fsdp,qlora --presets dsrl_qwen3_1p7b_1gpu
-    python scripts/gpu_check.py --device cpu --model tiny --settings '' --paths '' --preset-steps 1  # presets
+    python scripts/gpu_check.py --device cpu --model tiny --settings '' --preset-steps 1 \
+        --presets dsrl_qwen3_4b,qlora_qwen3_4b_24gb,dsrl_qwen3_1p7b_1gpu          # presets on CPU
+
+On a lent GPU machine without hydra, bitsandbytes or math-verify: ``--bundle logs/gpu_site`` here
+copies them into an ignored folder; carry it and run with ``PYTHONPATH=logs/gpu_site``.
 """
 
 from __future__ import annotations
