@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Run a reproduction study and write its report (docs/reproduction.md for the miniature one).
+"""Run a reproduction study and write its report (docs/reproduction.md for the miniature one,
+docs/reproduction_long.md for the 150-update one, configs/study/long.yaml).
 
     python scripts/study.py run configs/study/miniature.yaml --jobs 2 --commit   # resumable
     python scripts/study.py status configs/study/miniature.yaml                  # what is done / pending
@@ -9,7 +10,8 @@
 newest checkpoint, an evaluation from its finished chunks), so it can be stopped (Ctrl-C, a
 reboot) and started again; ``--commit`` commits each run's results as it finishes. ``--only
 grpo,dsrl_s4`` restricts it to some arms. ``touch <work_dir>/STOP`` (logs/study/<name>/STOP)
-finishes the runs under way and starts no new one. ``report`` needs no model: it reads the results only.
+finishes the runs under way and starts no new one. ``report`` needs no model: it reads the results
+only (and writes nothing while no run has finished).
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.id:<28}{'done' if run.id in results else 'pending'}")
         for entry in replicate_runs(study)[1]:
             print(f"{entry:<28}waiting for the first seed of its arms")
+        return 0
+    if not results:  # no report of nothing (a study's document appears with its first finished run)
+        print(f"nothing has run yet: no finished run in {study.results_dir}; no report written. Start the study "
+              f"with: python scripts/study.py run {args.study} --jobs 2 --commit")
         return 0
     command = f"python scripts/study.py report {args.study}"
     print(f"wrote {write_report(study, results, planned, load_alignment(study), command)}")

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 import prerl.study.runner as runner_lib
 from prerl.study.report import Report
-from prerl.study.results import RunResult
-from prerl.study.runner import _Committer, planned_runs, replicate_runs, run_one
+from prerl.study.results import RunResult, load_run
+from prerl.study.runner import _Committer, planned_runs, replicate_runs, run_one, train_command
 from prerl.study.spec import Run, load_study
 from prerl.study.stats import (
     align_problems,
@@ -112,10 +112,98 @@ def _write(tmp_path: Path, **changes) -> Path:
     ({"arms": {"grpo": {"role": "winner", "overrides": []}}}, "role must be one of"),
     ({"arms": {"dsrl": {"role": "dsrl", "overrides": []}}}, "role grpo"),
     ({"replicate": {"seeds": [1], "arms": ["best:grpo,nope"]}}, "unknown arms"),
+    ({"periodic_eval": {"every": 2}}, r"periodic_eval.every must be in \[1, updates = 2\)"),
 ])
 def test_bad_study_files_fail_when_read_naming_the_key(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         load_study(_write(tmp_path, **change), ROOT)
+
+
+def test_periodic_steps_leave_out_the_final_evaluation(tmp_path):
+    assert load_study(_write(tmp_path), ROOT).periodic_steps == [1]  # tiny: 2 updates, the final is step 2
+    study = load_study(_write(tmp_path, updates=150, periodic_eval={"every": 25}), ROOT)
+    assert study.periodic_steps == [25, 50, 75, 100, 125]
+    assert load_study(_write(tmp_path, periodic_eval=None), ROOT).periodic_steps == []
+
+
+def test_long_study_plans_every_verdict_on_two_seeds_with_periodic_evaluation():
+    study = load_study(ROOT / "configs" / "study" / "long.yaml", ROOT)
+    assert study.updates == 150 and study.periodic_steps == [25, 50, 75, 100, 125]
+    assert all(len(arm.seeds) >= 2 for arm in study.arms.values())
+    planned = [r.id for r in planned_runs(study)]
+    assert len(planned) == 1 + sum(len(arm.seeds) for arm in study.arms.values())
+    assert planned.index("nsr_prerl_fixed-seed0") < planned.index("grpo-seed1")  # one seed of every arm first
+    for ablation in study.report["ablations"]:
+        assert {ablation["arm"], ablation["against"]} <= set(study.arms)
+
+
+def test_results_reader_gives_renamed_metrics_their_current_names(tmp_path):
+    folder = tmp_path / "nsr_prerl-seed0"
+    (folder / "eval" / "problems").mkdir(parents=True)
+    (folder / "eval" / "summary.json").write_text("{}")
+    (folder / "done.json").write_text(json.dumps({"run": folder.name, "arm": "nsr_prerl", "seed": 0}))
+    (folder / "curves.json").write_text(json.dumps({  # as logged before the renames
+        "train/entropy_marginal": {"0": 2.5}, "behaviour/correct/reflection": {"0": 1.0},
+        "train/rollout_entropy/conditional": {"0": 1.5}, "train/entropy/marginal": {"0": 2.0}}))
+    assert load_run(folder).curves == {
+        "train/rollout_entropy/marginal": {0: 2.5}, "z_behaviour/correct/reflection": {0: 1.0},
+        "train/rollout_entropy/conditional": {0: 1.5}, "train/entropy/marginal": {0: 2.0}}  # the update's: kept
+    committed = load_run(ROOT / "results" / "miniature" / "nsr_prerl-seed0")  # logged behaviour/*
+    assert "z_behaviour/reflection" in committed.curves and not any(k.startswith("behaviour/") for k in committed.curves)
+
+
+def _evaluated(run_id: str, correct: np.ndarray, periodic: dict[int, np.ndarray] | None = None) -> RunResult:
+    """A run whose held-out evaluation has these (problems, samples) right answers."""
+    def result(c: np.ndarray) -> RunResult:
+        problems = [{"id": f"p{i}", "index": i, "correct": row.tolist(), "lengths": [10] * len(row),
+                     "truncated": [False] * len(row), "behaviours": []} for i, row in enumerate(c)]
+        summary = {"sampling": {"samples": c.shape[1]},
+                   "datasets": {"heldout": {"metrics": {f"avg@{c.shape[1]}": float(c.mean())}, "pass_at_k": {}}}}
+        arm, _, seed = run_id.partition("-seed")
+        return RunResult(run_id, arm, int(seed or 0), summary, {"heldout": problems})
+    run = result(correct)
+    run.periodic = {step: result(c) for step, c in (periodic or {}).items()}
+    return run
+
+
+def test_collapse_step_is_the_first_evaluation_clearly_below_the_base_and_the_order_follows(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.random((48, 4)) < 0.5
+    dip = base.copy()
+    dip[:2] = False  # two problems fewer right: below the base, but within the noise
+    wrong = np.zeros_like(base)
+    arms = {"grpo": {"role": "grpo", "overrides": [], "seeds": [0]},
+            "psr_prerl": {"role": "prerl_variant", "overrides": [], "seeds": [0, 1]},
+            "nsr_prerl": {"role": "prerl_variant", "overrides": [], "seeds": [0, 1]},
+            "ablated": {"role": "prerl_variant", "overrides": [], "seeds": [0]}}
+    study = load_study(_write(tmp_path, updates=3, periodic_eval={"every": 1}, arms=arms, replicate=None), ROOT)
+    study.report["ablations"] = [{"arm": "ablated", "against": "nsr_prerl", "expected": "<", "claim": "Ablation ends lower"}]
+    runs = [_evaluated("base", base), _evaluated("grpo-seed0", base, {1: base, 2: base})]
+    for seed in (0, 1):  # PSR-PreRL: level, then far below from update 2 on; NSR-PreRL: a dip within the noise
+        runs += [_evaluated(f"psr_prerl-seed{seed}", wrong, {1: base, 2: wrong}),
+                 _evaluated(f"nsr_prerl-seed{seed}", base, {1: dip, 2: base})]
+    runs.append(_evaluated("ablated-seed0", wrong, {1: wrong, 2: wrong}))
+    report = Report(study, {r.run_id: r for r in runs}, planned_runs(study), None)
+    assert report.eval_steps == [1, 2, 3]
+    psr = report.collapse(report.arms["psr_prerl"])
+    assert psr["step"] == 2 and psr["seeds"] == [2, 2] and [row[1] for row in psr["rows"]] == [2, 2, 2]
+    nsr = report.collapse(report.arms["nsr_prerl"])
+    assert nsr["step"] is None and nsr["rows"][0][2] < 0 <= nsr["rows"][0][4]  # below, but 0 not excluded
+    claims = {c["claim"].split(" (")[0]: c for c in report.collapse_claims()}
+    assert claims["psr_prerl falls below the base model within 3 updates"]["verdict"] == "held"
+    assert claims["nsr_prerl falls below the base model within 3 updates"]["verdict"] == "inconclusive"
+    assert claims["ablated falls below the base model within 3 updates"]["verdict"] == "held (1 seed)"
+    order = claims["PSR-PreRL falls below the base model before NSR-PreRL"]
+    assert order["verdict"] == "held" and "first: psr_prerl" in order["measured"] and "at update 2" in order["uncertainty"]
+    ablation = claims["Ablation ends lower"]
+    assert ablation["verdict"] == "held (1 seed)" and "collapse steps ablated 1, nsr_prerl never" in ablation["measured"]
+    tables = "\n".join(report.periodic_tables())
+    assert f"| psr_prerl | 0,1 | {base.mean():.3f} (" in tables and "| 2 | [2, 2] |" in tables
+    # a verdict waits for a second seed where the study plans several
+    del report.results["psr_prerl-seed1"]
+    report = Report(study, report.results, planned_runs(study), None)
+    claims = {c["claim"].split(" (")[0]: c for c in report.collapse_claims()}
+    assert claims["psr_prerl falls below the base model within 3 updates"]["verdict"] == "pending (1 of 2 seeds finished)"
 
 
 def test_plan_is_base_then_seed_by_seed_and_best_arm_waits_for_results(tmp_path):
@@ -160,13 +248,14 @@ def _study(*args: str) -> subprocess.CompletedProcess:
 def test_tiny_study_runs_resumes_and_reports(tmp_path):
     path = _write(tmp_path)
     study = load_study(path, ROOT)
+    nothing = _study("report", str(path))
+    assert nothing.returncode == 0 and "nothing has run yet" in nothing.stdout and not (tmp_path / "report.md").exists()
 
     # a pre-empted training attempt (checkpoint after 1 of 2 updates) is continued, not restarted
     pre = Run("grpo", 0)
     attempt = study.work_dir / pre.id / "train-1"
-    first = subprocess.run([sys.executable, "src/train.py", *study.train_overrides, "objective=grpo", "seed=0",
-                            "trainer.max_steps=1", "validate_before=false", "validate_after=false",
-                            f"hydra.run.dir={attempt}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(train_command(study, pre, attempt, None) + ["trainer.max_steps=1"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     summary = json.loads((attempt / "summary.json").read_text())
     (attempt / "summary.json").write_text(json.dumps({**summary, "status": "preempted"}))
@@ -182,8 +271,15 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path):
     assert sorted(int(s) for s in curves["train/accuracy"]) == [0, 1]  # step 0 from the first attempt
     dsrl = json.loads((results / "dsrl_s1-seed0" / "curves.json").read_text())
     assert [dsrl["train/phase"][s] for s in sorted(dsrl["train/phase"], key=int)] == [1.0, 2.0]  # S = 1
-    assert not any((study.work_dir / "grpo-seed0").glob("train-*/checkpoints/*.ckpt"))  # dropped once evaluated
+    assert not any((study.work_dir / "grpo-seed0").glob("train-*/*checkpoints/*.ckpt"))  # dropped once evaluated
     assert (results / "analysis" / "alignment" / "alignment.json").exists()
+    # the policy after update 1 of 2 evaluated too; grpo's from the attempt that made that update
+    for run_id in ("grpo-seed0", "dsrl_s1-seed0", "nsr_prerl-seed0", "dsrl_s1-seed1"):
+        assert [p.name for p in (results / run_id / "periodic").iterdir()] == ["step00001"], run_id
+        assert (results / run_id / "periodic" / "step00001" / "problems" / "heldout.jsonl").exists()
+    assert not (results / "base" / "periodic").exists()
+    step1 = json.loads((results / "grpo-seed0" / "periodic" / "step00001" / "summary.json").read_text())
+    assert "train-1/periodic_checkpoints/step00001.ckpt" in step1["ckpt_path"]
 
     stamp = (results / "base" / "done.json").stat().st_mtime
     again = _study("run", str(path))
@@ -197,8 +293,15 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path):
     base_eval = json.loads((results / "base" / "eval" / "summary.json").read_text())
     avg = base_eval["datasets"]["heldout"]["metrics"]["avg@2"]
     assert f"| base | - | {avg:.3f} [" in doc  # the table is computed from the results
-    for png in ("accuracy.png", "length.png", "entropy.png", "pass_at_k.png", "behaviours.png"):
+    for png in ("accuracy.png", "length.png", "entropy.png", "pass_at_k.png", "behaviours.png",
+                "heldout_over_updates.png", "collapse_curves.png"):
         assert (tmp_path / "figures" / png).stat().st_size > 0
+    # the curve over updates and the collapse step, computed from the periodic evaluations
+    nsr1 = json.loads((results / "nsr_prerl-seed0" / "periodic" / "step00001" / "summary.json").read_text())
+    assert f"| nsr_prerl | 0 | {nsr1['datasets']['heldout']['metrics']['avg@2']:.3f} | " in doc
+    collapse = next(line for line in doc.splitlines() if line.startswith("| nsr_prerl falls below the base model"))
+    assert collapse.endswith(("**held (1 seed)** |", "**did not hold (1 seed)** |", "**inconclusive** |"))
+    assert "| Machinery check: nsr_prerl ends below grpo |" in doc
     status = _study("status", str(path))
     assert "nsr_prerl-seed0" in status.stdout and "pending" not in status.stdout
 

@@ -32,6 +32,14 @@ from prerl.study.stats import (
 ACCURACY = "train/accuracy"
 LENGTH = "train/response_len_mean"
 PHASE = "train/phase"
+PAPER_COLLAPSE = {"psr_prerl": "paper: it does", "prerl": "paper: after tracking GRPO for ~150 steps",
+                  "nsr_prerl": "implied by the paper: it does not"}
+# module.cross_space_diagnostics_every_n_steps: every response scored in both spaces (results.RENAMED
+# maps the names older runs logged to these)
+DIAGNOSTICS = (("train/rollout_entropy/conditional", "entropy after the question (conditional)"),
+               ("train/rollout_entropy/marginal", "entropy without it (marginal)"),
+               (LENGTH, "mean response tokens"),
+               ("train/logprob_gap", "log-prob gap, conditional - marginal"))
 
 
 @dataclass
@@ -61,6 +69,13 @@ class ArmView:
             rows.append((r.problem_ids(eval_set), v))
         return rows
 
+    def at(self, step: int, final_step: int) -> ArmView:
+        """The arm's evaluations after ``step`` updates (``final_step``: the last one), of the
+        seeds that have one."""
+        runs = [r if step == final_step else r.periodic[step] for r in self.runs
+                if step == final_step or step in r.periodic]
+        return ArmView(self.name, self.role, runs)
+
     def seed_values(self, key: str) -> list[float]:
         """An evaluation metric (``<set>/<metric>``) of every seed."""
         out = []
@@ -85,8 +100,12 @@ def _ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
+def _step_text(step: int | None) -> str:
+    return "never" if step is None else str(step)
+
+
 def _steps_text(steps: list[int | None]) -> str:
-    return "[" + ", ".join("never" if s is None else str(s) for s in steps) + "]"
+    return "[" + ", ".join(map(_step_text, steps)) + "]"
 
 
 def _paired(a: ArmView, b: ArmView, eval_set: str, value: str, n_boot: int) -> tuple[float, float, float, int]:
@@ -117,6 +136,8 @@ class Report:
         self.samples = None
         if self.base is not None:
             self.samples = int(self.base.eval_summary["sampling"]["samples"])
+        # the updates after which every run is evaluated; the base model stands for update 0
+        self.eval_steps = study.periodic_steps + [study.updates] if study.periodic_every else []
 
     # ------------------------------------------------------------------ helpers
     def _role(self, role: str) -> list[ArmView]:
@@ -228,9 +249,7 @@ class Report:
             rows.append({"claim": claim, "measured": measured, "uncertainty": ci, "verdict": verdict_})
 
         def judged(lo: float, hi: float, expected: str, *arms: ArmView) -> str:
-            v = verdict(lo, hi, expected)
-            single = any(a.name != "base" and len(a.runs) < 2 for a in arms)
-            return f"{v} (1 seed)" if single and v != "inconclusive" else v
+            return self._seeded(verdict(lo, hi, expected), *arms)
 
         def missing(claim: str, needs: str) -> None:
             add(claim, f"not yet run: needs {needs}", "-", "pending")
@@ -363,6 +382,123 @@ class Report:
             missing(claim, "a DSRL run")
         return rows
 
+    # ------------------------------------------------------------------ periodic evaluation
+    def _minus_base(self, arm: ArmView) -> list[tuple[int, int, float, float, float]]:
+        """(update, seeds, difference, lo, hi): the arm's held-out accuracy minus the base model's
+        after every evaluated update (the interval resamples problems and the arm's seeds)."""
+        rows = []
+        for step in self.eval_steps:
+            view = arm.at(step, self.study.updates)
+            if view.runs:
+                rows.append((step, len(view.runs), *_paired(view, self._base_view(), self.primary, "accuracy",
+                                                             self.n_boot)[:3]))
+        return rows
+
+    def collapse(self, arm: ArmView) -> dict[str, Any]:
+        """The arm's collapse step: the first evaluated update whose accuracy is below the base
+        model's with the interval of the difference below 0 (None: never), from all its seeds
+        together and from each seed alone; ``rows`` are ``_minus_base``'s."""
+        def first(rows: list) -> tuple | None:
+            return next((row for row in rows if row[4] < 0), None)
+        rows = self._minus_base(arm)
+        seeds = [first(self._minus_base(ArmView(arm.name, arm.role, [r]))) for r in arm.runs]
+        return {"rows": rows, "first": first(rows), "step": (first(rows) or [None])[0],
+                "seeds": [None if c is None else c[0] for c in seeds]}
+
+    def _seeded(self, verdict_: str, *arms: ArmView) -> str:
+        """A verdict, pending while an arm planned with several seeds has fewer than two finished,
+        and marked when it rests on an arm's one planned seed (the base model has none)."""
+        for a in (a for a in arms if a.name != "base"):
+            planned = sum(r.arm == a.name for r in self.planned)
+            if len(a.runs) < min(2, planned):
+                return f"pending ({len(a.runs)} of {planned} seeds finished)"
+        single = any(a.name != "base" and len(a.runs) < 2 for a in arms)
+        return f"{verdict_} (1 seed)" if single and verdict_ != "inconclusive" else verdict_
+
+    def collapse_claims(self) -> list[dict[str, str]]:
+        """When each pre-train-space arm falls below the base model, which of PSR-PreRL and
+        NSR-PreRL does so first, and the study's ablations."""
+        rows, n, last = [], self.samples, self.study.updates
+        key = f"{self.primary} avg@{n}"
+
+        def add(claim: str, measured: str, ci: str, verdict_: str) -> None:
+            rows.append({"claim": claim, "measured": measured, "uncertainty": ci, "verdict": verdict_})
+
+        collapses = {arm.name: self.collapse(arm) for arm in self._role("prerl_variant")}
+        for name, c in collapses.items():
+            arm, paper = self.arms[name], PAPER_COLLAPSE.get(name)
+            claim = f"{name} falls below the base model within {last} updates" + (f" ({paper})" if paper else "")
+            step, _, d, lo, hi = c["first"] or c["rows"][-1]
+            own = f"; each seed alone: {_steps_text(c['seeds'])}"
+            if c["first"]:
+                add(claim, f"collapse step {step}: {key} minus base = {d:+.3f}{own}",
+                    f"[{lo:+.3f}, {hi:+.3f}] at update {step}", self._seeded("held", arm))
+            else:
+                add(claim, f"never; at update {step}: {key} minus base = {d:+.3f}{own}", f"[{lo:+.3f}, {hi:+.3f}]",
+                    self._seeded("did not hold" if lo > 0 else "inconclusive", arm))
+
+        claim = "PSR-PreRL falls below the base model before NSR-PreRL (the paper puts the collapse on PSR-PreRL)"
+        if {"psr_prerl", "nsr_prerl"} <= set(collapses):
+            psr, nsr = self.arms["psr_prerl"], self.arms["nsr_prerl"]
+            measured = "collapse steps: " + ", ".join(
+                f"{k} {_step_text(collapses[k]['step'])} (seeds {_steps_text(collapses[k]['seeds'])})"
+                for k in ("psr_prerl", "nsr_prerl"))
+            never = last + 1
+            sp, sn = (collapses[k]["step"] or never for k in ("psr_prerl", "nsr_prerl"))
+            if sp == sn == never:
+                add(claim, measured + "; neither fell below the base", "-", "inconclusive")
+            else:
+                # the one that falls first must also be below the other there, beyond the noise
+                at = min(sp, sn)
+                d, lo, hi, _ = _paired(psr.at(at, last), nsr.at(at, last), self.primary, "accuracy", self.n_boot)
+                first = "psr_prerl" if sp < sn else "nsr_prerl" if sn < sp else "both at once"
+                v = "held" if sp < sn and hi < 0 else "did not hold" if sn < sp and lo > 0 else "inconclusive"
+                add(claim, f"{measured}; first: {first}", f"psr_prerl minus nsr_prerl at update {at}: {_ci(d, lo, hi)}",
+                    self._seeded(v, psr, nsr))
+        else:
+            add(claim, "not yet run: needs the psr_prerl and nsr_prerl arms", "-", "pending")
+
+        for ab in self.study.report.get("ablations", []):
+            a, b = self.arms.get(ab["arm"]), self.arms.get(ab["against"])
+            claim = ab["claim"].strip()
+            if not (a and b):
+                add(claim, f"not yet run: needs the {ab['arm']} and {ab['against']} arms", "-", "pending")
+                continue
+            d, lo, hi, _ = _paired(a, b, self.primary, "accuracy", self.n_boot)
+            steps = "; collapse steps " + ", ".join(
+                f"{arm.name} {_step_text((collapses.get(arm.name) or self.collapse(arm))['step'])}" for arm in (a, b))
+            add(claim, f"{key} at update {last}: {a.name} minus {b.name} = {d:+.3f}{steps}", f"[{lo:+.3f}, {hi:+.3f}]",
+                self._seeded(verdict(lo, hi, ab["expected"]), a, b))
+        return rows
+
+    def periodic_tables(self) -> list[str]:
+        """Held-out accuracy of every arm over updates, and each pre-train-space arm's difference
+        from the base model with its interval."""
+        n, last = self.samples, self.study.updates
+        base = float(np.mean(self._base_view().seed_values(f"{self.primary}/avg@{n}")))
+        head = ["arm", "seeds"] + [str(s) for s in self.eval_steps]
+        lines = [f"`{self.primary}` avg@{n} after every {self.study.periodic_every} updates (the base model, update 0: "
+                 f"{base:.3f}): mean over seeds (lowest-highest seed where an arm has several).", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for arm in self.arms.values():
+            row = [arm.name, ",".join(str(r.seed) for r in arm.runs)]
+            for step in self.eval_steps:
+                v = arm.at(step, last).seed_values(f"{self.primary}/avg@{n}")
+                row.append("n/a" if not v else f"{np.mean(v):.3f}" + (f" ({min(v):.3f}-{max(v):.3f})" if len(v) > 1 else ""))
+            lines.append("| " + " | ".join(row) + " |")
+        head = ["arm", "seeds"] + [f"minus base at {s}" for s in self.eval_steps] + ["collapse step", "each seed alone"]
+        lines += ["", "Each pre-train-space arm minus the base model (95% interval over problems and seeds); the "
+                  "collapse step is the first evaluation whose interval lies below 0.", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for arm in self._role("prerl_variant"):
+            c = self.collapse(arm)
+            by_step = {row[0]: row for row in c["rows"]}
+            row = [arm.name, ",".join(str(r.seed) for r in arm.runs)]
+            row += [_ci(*by_step[s][2:]) if s in by_step else "n/a" for s in self.eval_steps]
+            row += [_step_text(c["step"]), _steps_text(c["seeds"])]
+            lines.append("| " + " | ".join(row) + " |")
+        return lines
+
     # ------------------------------------------------------------------ figures
     def figures(self, out: Path) -> dict[str, Path]:
         import matplotlib
@@ -432,10 +568,64 @@ class Report:
         fig.savefig(written["behaviours.png"], dpi=110)
         plt.close(fig)
 
+        if self.eval_steps and self.base is not None:
+            written.update(self._periodic_figures(out, colours))
+
         source = self.study.results_dir / "analysis" / "alignment"
         for png in sorted(source.glob("*.png")):
             written[f"alignment_{png.name}"] = out / f"alignment_{png.name}"
             shutil.copy(png, written[f"alignment_{png.name}"])
+        return written
+
+    def _trailing_mean(self, steps: np.ndarray, values: np.ndarray) -> dict[int, float]:
+        """{step: mean of the points logged in the ``window`` updates up to it} (diagnostics are
+        logged every few updates, so a mean over a number of points would span more updates)."""
+        return {int(s): float(values[(steps > s - self.window) & (steps <= s)].mean()) for s in steps}
+
+    def _periodic_figures(self, out: Path, colours: dict) -> dict[str, Path]:
+        """Held-out accuracy over updates (every arm), and the collapse's diagnostics (the
+        pre-train-space arms, GRPO for reference): the mean over seeds and their min-max band."""
+        import matplotlib.pyplot as plt
+
+        def band(ax, arm: ArmView, curves: list[dict[int, float]]) -> None:
+            curves = [c for c in curves if c]
+            if not curves:
+                return
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            ys = np.array([[c[s] for s in steps] for c in curves])
+            ax.plot(steps, ys.mean(axis=0), "o-" if len(steps) < 20 else "-", color=colours[arm.name], markersize=3,
+                    label=arm.name if len(curves) == 1 else f"{arm.name} ({len(curves)} seeds)")
+            if len(curves) > 1:
+                ax.fill_between(steps, ys.min(axis=0), ys.max(axis=0), color=colours[arm.name], alpha=0.2)
+
+        written, n, last = {}, self.samples, self.study.updates
+        base = float(np.mean(self._base_view().seed_values(f"{self.primary}/avg@{n}")))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for arm in self.arms.values():
+            band(ax, arm, [{0: base, **{s: float(eval_metric((r if s == last else r.periodic[s]).eval_summary,
+                                                            f"{self.primary}/avg@{n}"))
+                                        for s in self.eval_steps if s == last or s in r.periodic}} for r in arm.runs])
+        ax.axhline(base, color="black", linestyle="--", linewidth=1, label="base model")
+        ax.set_xlabel("update")
+        ax.set_ylabel(f"{self.primary} avg@{n}")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        written["heldout_over_updates.png"] = out / "heldout_over_updates.png"
+        fig.savefig(written["heldout_over_updates.png"], dpi=110)
+        plt.close(fig)
+
+        arms = self._role("prerl_variant") + self._role("grpo")
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+        for ax, (key, label) in zip(axes.flat, DIAGNOSTICS):
+            for arm in arms:
+                band(ax, arm, [self._trailing_mean(*r.curve(key)) for r in arm.runs])
+            ax.set_xlabel("update")
+            ax.set_ylabel(f"{label}\n({self.window}-update mean)", fontsize=8)
+        axes.flat[0].legend(fontsize=7)
+        fig.tight_layout()
+        written["collapse_curves.png"] = out / "collapse_curves.png"
+        fig.savefig(written["collapse_curves.png"], dpi=110)
+        plt.close(fig)
         return written
 
     # ------------------------------------------------------------------ the document
@@ -445,7 +635,8 @@ class Report:
         pending = [r for r in self.planned if r.id not in self.results]
         rel = lambda p: Path(p).relative_to(doc.parent) if Path(p).is_relative_to(doc.parent) else Path(p)  # noqa: E731
         train_s = sum((r.train_summary or {}).get("train_seconds", 0.0) for r in self.results.values())
-        eval_s = sum(float(r.eval_summary.get("seconds", 0.0)) for r in self.results.values())
+        eval_s = sum(float(e.eval_summary.get("seconds", 0.0)) for r in self.results.values()
+                     for e in [r, *r.periodic.values()])
         cfg = study.report
         lines = [f"# {cfg.get('title', 'Reproduction in miniature')}", "",
                  f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} from `{_shown(study.results_dir, study.root)}`: "
@@ -473,6 +664,17 @@ class Report:
                   "the choice itself favours DSRL a little; its extra seeds were run after it was chosen.", "",
                   "| claim | measured | uncertainty | verdict |", "|---|---|---|---|"]
         lines += [f"| {c['claim']} | {c['measured']} | {c['uncertainty']} | **{c['verdict']}** |" for c in self.claims()]
+        if self.eval_steps and self.base is not None:
+            lines += ["", "## The collapse over updates", "",
+                      f"Every run's policy is also evaluated after {', '.join(map(str, self.eval_steps[:-1]))} updates "
+                      f"(the same `{self.primary}` problems and samples as the final evaluation). An arm's **collapse "
+                      "step** is the first of these evaluations at which its accuracy is below the base model's with "
+                      "the 95% interval of the difference (problems and seeds resampled) below 0; **never** if there is "
+                      "none. Figures: `heldout_over_updates.png`, `collapse_curves.png`.", "",
+                      "| claim | measured | uncertainty | verdict |", "|---|---|---|---|"]
+            lines += [f"| {c['claim']} | {c['measured']} | {c['uncertainty']} | **{c['verdict']}** |"
+                      for c in self.collapse_claims()]
+            lines += ["", *self.periodic_tables()]
         if self.base is not None:
             lines += ["", f"## Held-out and out-of-distribution accuracy (n = {n} samples per problem)", "",
                       "Intervals: bootstrap over problems of the per-problem accuracy averaged over seeds.", ""]
@@ -484,16 +686,15 @@ class Report:
         if pending:
             lines += ["", "## Not yet run", "", "The same command continues the study with these runs:", ""]
             lines += [f"- `{r.id}`" for r in pending]
-        lines += ["", "## What a stronger test needs", "", *self.scale_up(), ""]
-        return "\n".join(lines) + "\n"
+        if self.study.report.get("scale_up"):
+            lines += ["", "## What a stronger test needs", "", *self.scale_up()]
+        return "\n".join(lines + [""]) + "\n"
 
     def scale_up(self) -> list[str]:
         """An ESTIMATE of the compute of a stronger test on one GPU, from the study file's
         assumptions (``report.scale_up``): 6 x params x tokens for policy updates plus
         2 x params x tokens for sampling, at an assumed fraction of the GPU's peak."""
-        s = self.study.report.get("scale_up")
-        if not s:
-            return ["(no `report.scale_up` in the study file)"]
+        s = self.study.report["scale_up"]
         tokens = float(s["prompts"]) * float(s["group_size"]) * float(s["mean_tokens"]) * float(s["updates"])
         flops = (6 + 2) * float(s["params"]) * tokens * float(s["arms"])
         hours = flops / (float(s["gpu_peak_flops"]) * float(s["utilisation"])) / 3600

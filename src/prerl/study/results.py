@@ -10,8 +10,24 @@ from pathlib import Path
 import numpy as np
 
 
+# Training metrics renamed since results were first committed: {old: new}, and old tag prefixes.
+# Curves are read under the new names, whichever a run logged (results/miniature has the old ones).
+RENAMED = {"train/entropy_conditional": "train/rollout_entropy/conditional",
+           "train/entropy_marginal": "train/rollout_entropy/marginal"}
+RENAMED_PREFIXES = {"behaviour/": "z_behaviour/"}
+
+
+def current_name(tag: str) -> str:
+    """A curve's tag under the current metric names."""
+    for old, new in RENAMED_PREFIXES.items():
+        if tag.startswith(old):
+            return new + tag[len(old):]
+    return RENAMED.get(tag, tag)
+
+
 def load_curves(run_dir: Path) -> dict[str, dict[int, float]]:
-    """Every scalar a training run logged to TensorBoard: {tag: {step: value}} ({} if none)."""
+    """Every scalar a training run logged to TensorBoard: {tag: {step: value}} ({} if none),
+    under the current metric names."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events_dir = Path(run_dir) / "tensorboard"
@@ -20,7 +36,7 @@ def load_curves(run_dir: Path) -> dict[str, dict[int, float]]:
     events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its reader logs "No path found after" per file
     events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    return {current_name(tag): {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
 def eval_metric(summary: dict, key: str) -> float:
@@ -35,7 +51,8 @@ def eval_metric(summary: dict, key: str) -> float:
 
 @dataclass
 class RunResult:
-    """One finished run: its evaluation per set and (trained runs) its training curves."""
+    """One finished run: its evaluation per set, (trained runs) its training curves, and (studies
+    with periodic evaluation) its evaluations after fewer updates, each a RunResult without curves."""
 
     run_id: str
     arm: str
@@ -44,6 +61,7 @@ class RunResult:
     problems: dict[str, list[dict]]                      # set -> per-problem records, in index order
     curves: dict[str, dict[int, float]] = field(default_factory=dict)
     train_summary: dict | None = None
+    periodic: dict[int, RunResult] = field(default_factory=dict)  # updates -> evaluation then
 
     def correct_matrix(self, eval_set: str) -> np.ndarray:
         """(problems, samples) bool: which sampled responses were right."""
@@ -59,18 +77,26 @@ class RunResult:
         return steps, np.array([points[s] for s in steps], dtype=float)
 
 
-def load_run(folder: Path) -> RunResult:
-    done = json.loads((folder / "done.json").read_text())
+def _load_eval(folder: Path) -> tuple[dict, dict[str, list[dict]]]:
+    """(summary, {set: per-problem records in index order}) of an evaluation copied by the runner."""
     problems = {}
-    for f in sorted((folder / "eval" / "problems").glob("*.jsonl")):
+    for f in sorted((folder / "problems").glob("*.jsonl")):
         records = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         problems[f.stem] = sorted(records, key=lambda r: r["index"])
+    return json.loads((folder / "summary.json").read_text()), problems
+
+
+def load_run(folder: Path) -> RunResult:
+    done = json.loads((folder / "done.json").read_text())
+    run_id, arm, seed = done["run"], done["arm"], int(done["seed"])
     curves_file = folder / "curves.json"
-    curves = {k: {int(s): v for s, v in p.items()} for k, p in json.loads(curves_file.read_text()).items()} \
-        if curves_file.exists() else {}
+    logged = json.loads(curves_file.read_text()) if curves_file.exists() else {}
+    curves = {current_name(k): {int(s): v for s, v in p.items()} for k, p in logged.items()}
     train = folder / "train_summary.json"
-    return RunResult(done["run"], done["arm"], int(done["seed"]), json.loads((folder / "eval" / "summary.json").read_text()),
-                     problems, curves, json.loads(train.read_text()) if train.exists() else None)
+    periodic = {int(f.name.removeprefix("step")): RunResult(run_id, arm, seed, *_load_eval(f))
+                for f in sorted((folder / "periodic").glob("step*"))}
+    return RunResult(run_id, arm, seed, *_load_eval(folder / "eval"), curves,
+                     json.loads(train.read_text()) if train.exists() else None, periodic)
 
 
 def load_results(results_dir: Path) -> dict[str, RunResult]:

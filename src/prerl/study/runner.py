@@ -7,11 +7,17 @@ and started again, across days):
    checkpoint (pre-empted, interrupted, killed) is continued by the next attempt with
    ``ckpt_path=<that folder>``, one without starts over;
 2. evaluate the final checkpoint: ``src/eval.py`` in ``<work_dir>/<run>/eval`` (``resume_from``
-   when an evaluation was cut off);
+   when an evaluation was cut off); with ``periodic_eval`` also the weights-only checkpoint saved
+   after every k updates, in ``<work_dir>/<run>/eval-step<k>``, the same way;
 3. collect: the training summary, every logged scalar curve (from TensorBoard) and the
-   evaluation's summary and per-problem records into ``<results_dir>/<run>/``, then ``done.json``;
-   the run's checkpoints are deleted (``keep_checkpoints`` keeps them); with ``commit`` the
-   run's results are committed to git at once.
+   evaluations' summaries and per-problem records into ``<results_dir>/<run>/`` (``periodic/
+   step<k>/`` for the periodic ones), then ``done.json``; the run's checkpoints are deleted
+   (``keep_checkpoints`` keeps them); with ``commit`` the run's results are committed to git at once.
+
+Periodic evaluation evaluates checkpoints after training rather than validating inside it:
+in-training validation logs only the mean over problems, while the collapse step of the report
+needs per-problem records of the same held-out problems, samples and seeds as the base model's
+evaluation (a paired interval); the sampling work is the same either way.
 
 The base model's evaluation (run ``base``) and the alignment probe (``analysis/alignment``) run
 first. Creating ``<work_dir>/STOP`` lets the runs under way finish and starts no new one (the
@@ -64,6 +70,18 @@ def _json(path: Path) -> dict | None:
         return None
 
 
+PERIODIC_DIR = "periodic_checkpoints"  # beside checkpoints/: a resume (which reads checkpoints/) never takes these
+
+
+def _attempts(folder: Path) -> list[Path]:
+    """A run's training attempts train-1, train-2, ... in order."""
+    return sorted(folder.glob("train-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _step_name(step: int) -> str:
+    return f"step{step:05d}"
+
+
 def _has_checkpoint(folder: Path) -> bool:
     return any((folder / "checkpoints").glob("*.ckpt"))
 
@@ -74,13 +92,19 @@ def train_command(study: Study, run: Run, out: Path, resume: Path | None) -> lis
     cmd = [sys.executable, "src/train.py", *study.train_overrides, *arm.overrides, f"seed={run.seed}",
            f"trainer.max_steps={study.updates}", "validate_before=false", "validate_after=false",
            f"task_name=study_{study.name}", f"tags=[study_{study.name},{run.arm}]", f"hydra.run.dir={out}"]
+    if study.periodic_every:  # weights only: a policy to evaluate, a third of a resumable checkpoint's size
+        key = "+callbacks.periodic_checkpoint"
+        cmd += [f"{key}._target_=lightning.pytorch.callbacks.ModelCheckpoint", f"{key}.dirpath={out / PERIODIC_DIR}",
+                f"{key}.filename='step{{step:05d}}'", f"{key}.auto_insert_metric_name=false",
+                f"{key}.every_n_train_steps={study.periodic_every}", f"{key}.save_top_k=-1",
+                f"{key}.save_weights_only=true"]
     return cmd + ([f"ckpt_path={resume}"] if resume else [])
 
 
 def _train(study: Study, run: Run) -> Path:
     """The folder of the run's completed training (trains or continues it first)."""
     folder = study.work_dir / run.id
-    attempts = sorted(folder.glob("train-*"), key=lambda p: int(p.name.split("-")[1]))
+    attempts = _attempts(folder)
     for attempt in attempts:
         if (_json(attempt / "summary.json") or {}).get("status") == "completed":
             return attempt
@@ -95,39 +119,64 @@ def _train(study: Study, run: Run) -> Path:
     return out
 
 
-def eval_command(study: Study, run: Run, ckpt: Path | None, out: Path, resume: bool) -> list[str]:
-    cmd = [sys.executable, "src/eval.py", *study.eval_overrides, f"hydra.run.dir={out}"]
+def eval_command(study: Study, ckpt: Path | None, out: Path, resume: bool, extra: tuple[str, ...] = ()) -> list[str]:
+    cmd = [sys.executable, "src/eval.py", *study.eval_overrides, *extra, f"hydra.run.dir={out}"]
     cmd += [f"ckpt_path={ckpt}"] if ckpt else []
     return cmd + ([f"resume_from={out}"] if resume else [])
 
 
-def _evaluate(study: Study, run: Run, trained: Path | None) -> Path:
-    out = study.work_dir / run.id / "eval"
-    summary = _json(out / "summary.json")
-    if (summary or {}).get("status") == "completed":
+def _evaluate(study: Study, run: Run, ckpt: Path | None, name: str = "eval", extra: tuple[str, ...] = ()) -> Path:
+    """The folder ``<work_dir>/<run>/<name>`` of the completed evaluation of ``ckpt`` (None: the
+    base model), evaluating it first or continuing a cut-off one."""
+    out = study.work_dir / run.id / name
+    if (_json(out / "summary.json") or {}).get("status") == "completed":
         return out
-    ckpt = trained / "checkpoints" / "last.ckpt" if trained else None
     resume = (out / "eval_settings.json").exists()
     log.info("%s: evaluating %s%s", run.id, ckpt or "the base model", " (resumed)" if resume else "")
-    code = _call(eval_command(study, run, ckpt, out, resume), study.work_dir / run.id / "eval.out", study)
+    log_file = study.work_dir / run.id / f"{name}.out"
+    code = _call(eval_command(study, ckpt, out, resume, extra), log_file, study)
     if code != 0 or (_json(out / "summary.json") or {}).get("status") != "completed":
-        raise StageFailed(f"{run.id}: evaluation ended with exit code {code}; see {study.work_dir / run.id / 'eval.out'}")
+        raise StageFailed(f"{run.id}: evaluation ended with exit code {code}; see {log_file}")
     return out
 
 
-def _collect(study: Study, run: Run, trained: Path | None, evaluated: Path, seconds: dict) -> Path:
+def _periodic_checkpoint(study: Study, run: Run, step: int) -> Path:
+    """The weights after ``step`` updates; a continued run's later attempt wins (it redid the
+    steps after the checkpoint it resumed from)."""
+    name = f"{_step_name(step)}.ckpt"
+    found = [a / PERIODIC_DIR / name for a in _attempts(study.work_dir / run.id) if (a / PERIODIC_DIR / name).exists()]
+    if not found:
+        raise StageFailed(f"{run.id}: no {PERIODIC_DIR}/{name} in any training attempt under "
+                          f"{study.work_dir / run.id} (trained without periodic_eval?)")
+    return found[-1]
+
+
+def _evaluate_periodic(study: Study, run: Run) -> dict[int, Path]:
+    """{step: completed evaluation folder} for the study's periodic steps."""
+    extra = study.periodic_overrides
+    return {step: _evaluate(study, run, _periodic_checkpoint(study, run, step), f"eval-{_step_name(step)}", extra)
+            for step in study.periodic_steps}
+
+
+def _copy_eval(evaluated: Path, dest: Path) -> None:
+    (dest / "problems").mkdir(parents=True)
+    shutil.copy(evaluated / "summary.json", dest / "summary.json")
+    for f in (evaluated / "problems").glob("*.jsonl"):
+        shutil.copy(f, dest / "problems" / f.name)
+
+
+def _collect(study: Study, run: Run, trained: Path | None, evaluated: Path, periodic: dict[int, Path],
+             seconds: dict) -> Path:
     dest = study.results_dir / run.id
     if dest.exists():
         shutil.rmtree(dest)
-    (dest / "eval" / "problems").mkdir(parents=True)
-    shutil.copy(evaluated / "summary.json", dest / "eval" / "summary.json")
-    for f in (evaluated / "problems").glob("*.jsonl"):
-        shutil.copy(f, dest / "eval" / "problems" / f.name)
+    _copy_eval(evaluated, dest / "eval")
+    for step, folder in periodic.items():
+        _copy_eval(folder, dest / "periodic" / _step_name(step))
     if trained is not None:
         shutil.copy(trained / "summary.json", dest / "train_summary.json")
-        attempts = sorted(trained.parent.glob("train-*"), key=lambda p: int(p.name.split("-")[1]))
         curves: dict[str, dict[int, float]] = {}
-        for attempt in attempts:  # a continued run's later attempt wins on the steps it redid
+        for attempt in _attempts(trained.parent):  # a continued run's later attempt wins on the steps it redid
             for key, points in load_curves(attempt).items():
                 curves.setdefault(key, {}).update(points)
         write_text_atomic(dest / "curves.json", json.dumps({k: {str(s): v for s, v in sorted(p.items())}
@@ -141,6 +190,7 @@ def _collect(study: Study, run: Run, trained: Path | None, evaluated: Path, seco
 def _drop_checkpoints(study: Study, run: Run) -> None:
     for attempt in (study.work_dir / run.id).glob("train-*"):
         shutil.rmtree(attempt / "checkpoints", ignore_errors=True)
+        shutil.rmtree(attempt / PERIODIC_DIR, ignore_errors=True)
 
 
 def alignment(study: Study) -> Path | None:
@@ -173,9 +223,14 @@ def run_one(study: Study, run: Run, keep_checkpoints: bool = False) -> Path:
     trained = None if run.arm == "base" else _train(study, run)
     seconds["train_stage"] = time.perf_counter() - started
     started = time.perf_counter()
-    evaluated = _evaluate(study, run, trained)
+    evaluated = _evaluate(study, run, trained / "checkpoints" / "last.ckpt" if trained else None)
     seconds["eval_stage"] = time.perf_counter() - started
-    dest = _collect(study, run, trained, evaluated, seconds)
+    periodic = {}
+    if trained and study.periodic_steps:
+        started = time.perf_counter()
+        periodic = _evaluate_periodic(study, run)
+        seconds["periodic_eval_stage"] = time.perf_counter() - started
+    dest = _collect(study, run, trained, evaluated, periodic, seconds)
     if not keep_checkpoints:
         _drop_checkpoints(study, run)
     return dest

@@ -45,10 +45,18 @@ class Study:
     replicate_arms: tuple[str, ...]     # arm names or "best:a,b,c"
     select_by: str                      # eval metric that picks "best:" arms, e.g. heldout/avg@8
     report: dict[str, Any] = field(default_factory=dict)
+    periodic_every: int | None = None   # also evaluate the policy after every k updates (None: final only)
+    periodic_overrides: tuple[str, ...] = ()  # added to eval_overrides for those evaluations
 
     @property
     def primary_set(self) -> str:
         return self.select_by.split("/")[0]
+
+    @property
+    def periodic_steps(self) -> list[int]:
+        """Updates after which a run's policy is evaluated besides its last one (step N is the
+        final evaluation itself, step 0 the base model's)."""
+        return list(range(self.periodic_every, self.updates, self.periodic_every)) if self.periodic_every else []
 
 
 ROLES = ("grpo", "dsrl", "control", "prerl_variant")
@@ -60,7 +68,7 @@ def load_study(path: str | Path, root: str | Path) -> Study:
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     where = str(path)
     known = {"name", "results_dir", "work_dir", "train_overrides", "eval_overrides", "alignment", "updates",
-             "threads", "arms", "replicate", "select_by", "report"}
+             "threads", "arms", "replicate", "select_by", "report", "periodic_eval"}
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -89,6 +97,10 @@ def load_study(path: str | Path, root: str | Path) -> Study:
         missing = [n for n in names if n not in arms]
         if missing:
             raise ValueError(f"{where}: replicate.arms entry {entry!r} names unknown arms {missing}")
+    periodic = raw.get("periodic_eval") or {}
+    every = periodic.get("every")
+    if every is not None and not 1 <= int(every) < updates:
+        raise ValueError(f"{where}: periodic_eval.every must be in [1, updates = {updates}), got {every}")
     alignment = raw.get("alignment")
     return Study(
         name=str(raw.get("name") or path.stem),
@@ -105,6 +117,8 @@ def load_study(path: str | Path, root: str | Path) -> Study:
         replicate_arms=replicate_arms,
         select_by=str(raw.get("select_by", "heldout/avg@4")),
         report=dict(raw.get("report") or {}),
+        periodic_every=None if every is None else int(every),
+        periodic_overrides=tuple(periodic.get("overrides", [])),
     )
 
 
