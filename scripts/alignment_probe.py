@@ -188,9 +188,18 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The data module describes the training batches it would build; the probe samples from the
-    # validation prompts and says so itself.
-    logging.getLogger("prerl.data.datamodule").setLevel(logging.WARNING)
+    # validation prompts and says so itself. (Restored at the end: main() also runs inside tests.)
+    datamodule_log = logging.getLogger("prerl.data.datamodule")
+    level = datamodule_log.level
+    datamodule_log.setLevel(logging.WARNING)
+    try:
+        return _probe(args, argv)
+    finally:
+        datamodule_log.setLevel(level)
 
+
+def _probe(args, argv: list[str] | None) -> Path:
+    """Sample the pairs, compute the alignment statistics, write and print them."""
     import torch
 
     from prerl.analysis.alignment import alignment_stats

@@ -159,18 +159,20 @@ def test_a_folder_of_a_completed_run_or_of_other_settings_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_live_run_with_the_same_id_is_refused_before_it_writes_anything(tmp_path):
-    first = _cli(tmp_path, "trainer.max_steps=40", "seed=1", run_id="same")
+    first = _cli(tmp_path, "trainer.max_steps=100000", "seed=1", run_id="same")  # runs until stopped below
     run = tmp_path / "smoke" / "runs" / "same"
     deadline = time.monotonic() + 120
-    while not (run / ".lock").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while not list((run / "tensorboard").glob("events.*")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the first run is training
     second = _cli(tmp_path, "trainer.max_steps=40", "seed=2", run_id="same")
     out2 = _finish(second)
+    os.killpg(first.pid, signal.SIGTERM)
     out1 = _finish(first)
-    assert second.returncode == 1 and "in use by a live run" in out2 and "Traceback" not in out2
-    assert first.returncode == 0, out1[-3000:]
-    assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["seed"] == 1
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step00040.ckpt"]
+    assert second.returncode == 1 and "in use by a live run" in out2 and "Traceback" not in out2, out2
+    assert first.returncode == 143, out1[-3000:]
+    assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["seed"] == 1  # not overwritten
+    assert _summary(run)["status"] == "preempted"  # the first run's own summary
+    assert (run / "smoke.log").read_text().count("data train: loaded=") == 1  # one run's log, not two interleaved
     assert not (run / ".lock").exists()  # released at the end
 
 
