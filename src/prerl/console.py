@@ -8,6 +8,18 @@ import os
 import sys
 
 
+class NoLightningTips(logging.Filter):
+    """Lightning advertises its cloud services (litlogger, litmodels) on every Trainer; it has no
+    switch for it, and these lines say nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+# Installed on import: every entry point that builds a Trainer imports prerl.module, which imports this.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoLightningTips())
+
+
 def full_errors() -> bool:
     """``HYDRA_FULL_ERROR=1``: tracebacks on the console as well (Hydra's own switch)."""
     return os.environ.get("HYDRA_FULL_ERROR") == "1"

@@ -28,6 +28,7 @@ from torchmetrics import MeanMetric, SumMetric
 from prerl.algorithms import masked_mean
 from prerl.checkpointing import capture_rng_state, check_phases, restore_rng_state, rewind_to_previous_batch_end
 from prerl.config_fields import from_mapping
+import prerl.console  # noqa: F401  (its import installs the filter of Lightning's tips)
 from prerl.engines import build_engine
 from prerl.metrics import engine_mismatch, pass_at_k, rollout_metrics, space_diagnostics
 from prerl.models.params import count_parameters, disable_dropout
@@ -39,16 +40,6 @@ from prerl.updates import LossTerm, NonFiniteLossError, PolicyUpdater
 
 log = logging.getLogger(__name__)
 
-
-class _NoLightningTips(logging.Filter):
-    """Lightning advertises its cloud services (litlogger, litmodels) on every Trainer; it has no
-    switch for it, and these lines say nothing about the run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip:")
-
-
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoLightningTips())
 
 __all__ = ["NoLearningSignalError", "NonFiniteLossError", "PreRLModule"]
 
