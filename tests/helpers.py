@@ -167,3 +167,25 @@ class SignalAt(L.Callback):
             os.killpg(os.getpgid(0), self.signum)
         else:
             os.kill(os.getpid(), self.signum)
+
+
+def torchrun_workers(script: str, out_dir, timeout: float = 300) -> list[dict]:
+    """Run ``script --fsdp-worker <out_dir>`` on 2 processes with torch.distributed.run (a free
+    port, one thread each) and return each rank's ``rank<r>.json`` written to ``out_dir``."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         script, "--fsdp-worker", str(out_dir)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((Path(out_dir) / f"rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -26,7 +26,6 @@ from prerl.run_folder import RunFolderInUseError, RunLock, check_reuse
 from prerl.train import check_hardware, train
 from test_checkpointing import _smoke
 from test_configs import compose_train
-from test_faults import FAILING_REWARD
 
 ROOT = Path(__file__).resolve().parents[1]
 

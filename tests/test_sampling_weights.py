@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import prerl.engines.sampling_weights as sampling_weights
-from helpers import tiny_spec
+from helpers import tiny_spec, torchrun_workers
 from prerl.engines import build_engine
 from prerl.models import LoraSettings
 from test_vllm_engine import _prompts
@@ -163,23 +163,8 @@ def _fsdp_worker(out: str) -> None:
 
 
 def test_fsdp_ranks_sample_from_a_gathered_copy_at_their_own_pace(tmp_path):
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         __file__, "--fsdp-worker", str(tmp_path)],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"same": True, "sharded_forwards": 0}
+    for result in torchrun_workers(__file__, tmp_path):
+        assert result == {"same": True, "sharded_forwards": 0}
 
 
 if __name__ == "__main__":  # torchrun worker of test_fsdp_ranks_sample_from_a_gathered_copy_at_their_own_pace

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import torchrun_workers
 from prerl.engines import build_engine
 from prerl.engines.vllm import hf_name, hf_state_dict
 from prerl.models import LoraSettings, TinyModelSpec, build_tiny_tokenizer, merged_state_dict
@@ -256,22 +257,7 @@ def _fsdp_worker(out: str) -> None:
 @pytest.mark.slow
 def test_fsdp1_shards_are_gathered_on_every_rank(tmp_path):
     """Under FSDP1 each rank gathers the full HF state dict for its own colocated engine."""
-    import json
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         __file__, "--fsdp-worker", str(tmp_path)],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for rank in (0, 1):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for rank, result in enumerate(torchrun_workers(__file__, tmp_path, timeout=600)):
         for name in ("plain", "lora"):
             assert result[name]["same_keys"], (rank, name)
             assert result[name]["max_diff"] < 1e-6, (rank, name, result[name])
