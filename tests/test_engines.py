@@ -42,9 +42,9 @@ if "offset" not in ENGINES.names():
     ENGINES.register("offset")(OffsetEngine)
 
 
-def _train(objective, engine="hf", offset=0.0, correction=None, steps=1):
+def _train(objective, engine="hf", offset=0.0, correction=None, steps=1, pattern=(1, 0)):
     module = make_module(
-        objective, reward=PatternReward((1, 0)), diagnostics_every_n_steps=0, max_new_tokens=10,
+        objective, reward=PatternReward(pattern), diagnostics_every_n_steps=0, max_new_tokens=10,
         rollout={"engine": engine, "engine_options": {"offset": offset} if engine == "offset" else {}},
         update={"micro_batch_size": 4, "max_grad_norm": 1e9, "rollout_correction": correction},
         optimizer=functools.partial(torch.optim.SGD, lr=0.5),
@@ -103,6 +103,15 @@ def test_truncated_importance_sampling_weights_an_off_policy_engine():
         torch.testing.assert_close(off[key], plain[key], atol=1e-6, rtol=1e-5)  # correction off: unchanged
         torch.testing.assert_close(corrected[key], plain[key] * math.exp(-OFFSET), atol=1e-6, rtol=1e-4)
     assert any(v.abs().sum() > 0 for v in plain.values())
+
+
+def test_a_batch_without_learning_signal_is_a_zero_update_with_an_engines_samples():
+    """Every group all-wrong: no row carries a gradient, the update forwards a zero-weight placeholder row,
+    which has neither old nor reference log-probs (it once raised a TypeError with vLLM's samples,
+    at the first such batch of a study run); the parameters must not move."""
+    module, _, delta = _train(ConditionalRL(), engine="offset", steps=2, pattern=(0,))
+    assert module.global_step == 2
+    assert all(float(v.abs().max()) == 0.0 for v in delta.values())
 
 
 def _greedy(engine, ids, mask, num_samples=2, chunk=None):

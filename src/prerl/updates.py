@@ -274,8 +274,12 @@ class PolicyUpdater:
                 # A rank with fewer rows runs a zero-weight pass so collectives stay aligned.
                 part, scale = (micro[i][1], term.weight * world) if i < len(micro) else (term.placeholder, 0.0)
                 logprobs, entropy = self.score(part, with_entropy=entropy_wanted)
-                if term.batch.old_logprobs is None:  # one update per rollout: on-policy, ratio exactly 1
+                # One update per rollout (on-policy) or a zero-weight placeholder pass, whose rows
+                # carry no old / reference log-probs: ratio exactly 1, KL exactly 0.
+                if part.old_logprobs is None:
                     part.old_logprobs = logprobs.detach()
+                if objective.kl_coef and part.ref_logprobs is None:
+                    part.ref_logprobs = logprobs.detach()
                 loss, term_metrics = objective.loss(
                     logprobs, part, counts["num_tokens"], counts["num_seqs"], self.norm_length,
                     entropy if objective.entropy_coef else None, counts["num_signal_tokens"],
