@@ -36,6 +36,7 @@ copies them into an ignored folder; carry it and run with ``PYTHONPATH=logs/gpu_
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.metadata
 import json
@@ -271,15 +272,17 @@ class EngineModes(Callback):
 
 
 class ForwardMeter:
-    """Wall time of one ``generate`` call, its prefill forwards' time (synchronised hooks) and its
-    one-token (decode) forwards: count and rows."""
+    """Wall time of one ``generate`` call, its prefill forwards' time (synchronised) and its
+    one-token (decode) forwards: count and rows. It wraps the forward of the model's class, so it
+    also counts the forwards of a sampling copy (``sampling_weights`` under FSDP or with a 4-bit base
+    samples from a new instance of the same class)."""
 
     def __init__(self, model: torch.nn.Module, cuda: bool):
-        self.model, self.sync = model, torch.cuda.synchronize if cuda else (lambda: None)
+        self.cls, self.sync = type(model), torch.cuda.synchronize if cuda else (lambda: None)
         self.wall_s = self.prefill_s = 0.0
         self.decode_steps = self.decode_rows = 0
 
-    def _pre(self, _, args, kwargs):
+    def _pre(self, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._prefill = ids is None or ids.shape[1] > 1
         if self._prefill:
@@ -288,22 +291,29 @@ class ForwardMeter:
         else:
             self.decode_steps, self.decode_rows = self.decode_steps + 1, self.decode_rows + ids.shape[0]
 
-    def _post(self, *_):
+    def _post(self):
         if self._prefill:
             self.sync()
             self.prefill_s += time.perf_counter() - self._t
 
     def start(self):
-        self.hooks = [self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                      self.model.register_forward_hook(self._post)]
+        forward, meter = self.cls.forward, self
+        self._forward = forward
+
+        def metered(model, *args, **kwargs):
+            meter._pre(args, kwargs)
+            out = forward(model, *args, **kwargs)
+            meter._post()
+            return out
+
+        self.cls.forward = functools.wraps(forward)(metered)
         self.sync()
         self._wall = time.perf_counter()
 
     def stop(self):
         self.sync()
         self.wall_s += time.perf_counter() - self._wall
-        for hook in self.hooks:
-            hook.remove()
+        self.cls.forward = self._forward
 
 
 def setting_overrides(setting: str, folder: Path, prompts: Path, args, modes: list[str]) -> list[str]:

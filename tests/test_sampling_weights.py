@@ -174,3 +174,70 @@ if __name__ == "__main__":  # torchrun worker of test_fsdp_ranks_sample_from_a_g
     root = Path(__file__).resolve().parent
     sys.path[:0] = [str(root.parent / "src"), str(root)]
     _fsdp_worker(sys.argv[sys.argv.index("--fsdp-worker") + 1])
+
+
+def _qlora_policy():
+    from prerl.models import TinyModelSpec
+
+    policy = TinyModelSpec(quantization={"type": "nf4", "double_quant": True, "compute_dtype": "float32"},
+                           lora={"r": 4, "alpha": 8}).build_model()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA's B starts at 0: make the adapters count
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return policy
+
+
+def _count_4bit_matmuls(policy):
+    from prerl.models.quant import linear4bit_modules
+
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for _, m in linear4bit_modules(policy)]
+    return calls, hooks
+
+
+@pytest.mark.filterwarnings("ignore:.*quantization_config.*:UserWarning")
+def test_qlora_samples_from_a_dequantised_copy_with_the_adapters_merged(tiny_tokenizer):
+    """A 4-bit policy with LoRA: no 4-bit matmul while sampling; the copy scores responses as the
+    policy does up to bf16 rounding (the adapters count: the base alone is far off); it is freed
+    after the rollout and the policy keeps its 4-bit weights and adapters."""
+    from prerl.scoring import score_responses
+
+    policy = _qlora_policy()
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    ids, mask = _prompts(tiny_tokenizer, 4)
+    calls, hooks = _count_4bit_matmuls(policy)
+    out = build_engine("hf", policy=lambda: policy, tokenizer=tiny_tokenizer, sampling_weights="bfloat16").generate(
+        ids, mask, 2, MAX_NEW, 1.0, 1.0, 0)
+    assert not calls and out.response_mask.sum() > 0
+    build_engine("hf", policy=lambda: policy, tokenizer=tiny_tokenizer).generate(ids, mask, 2, MAX_NEW, 1.0, 1.0, 0)
+    assert calls  # the check above can fail: without the option, sampling runs the 4-bit layers
+    for h in hooks:
+        h.remove()
+    rep = lambda t: t.repeat_interleave(2, dim=0)  # noqa: E731
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        trained, _ = score_responses(policy, rep(ids), rep(mask), out.response_ids, out.response_mask)
+        with policy.disable_adapter():
+            base, _ = score_responses(policy, rep(ids), rep(mask), out.response_ids, out.response_mask)
+        with sampling_weights.sampling_view(policy, "bfloat16", False, 8, ids.shape[1] + MAX_NEW, ids.device) as (copy, _):
+            assert copy is not policy and copy.lm_head.weight.dtype == torch.bfloat16
+            sampled, _ = score_responses(copy, rep(ids), rep(mask), out.response_ids, out.response_mask)
+            ref = weakref.ref(copy)
+            del copy
+    on = out.response_mask.bool()
+    assert (sampled - trained)[on].abs().max() < 0.02 < (base - trained)[on].abs().max()
+    gc.collect()
+    assert ref() is None
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+
+
+@pytest.mark.filterwarnings("ignore:.*quantization_config.*:UserWarning")
+def test_qlora_without_room_for_the_copy_samples_in_4_bit(tiny_tokenizer, monkeypatch, caplog):
+    policy = _qlora_policy()
+    ids, mask = _prompts(tiny_tokenizer, 4)
+    monkeypatch.setattr(sampling_weights, "free_memory", lambda device: 1 << 10)
+    calls, _ = _count_4bit_matmuls(policy)
+    with caplog.at_level("INFO", logger="prerl.engines.sampling_weights"):
+        _greedy(policy, tiny_tokenizer, ids, mask, autocast=True, sampling_weights="bfloat16")
+    assert calls and "sampling from the policy as it is" in caplog.text

@@ -4,6 +4,7 @@ and they replace the items they make unnecessary in the generation phases only."
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from helpers import tiny_spec
@@ -13,6 +14,7 @@ from tools.memory_estimate import TrainingSetup, estimate_memory, geometry_from_
 
 VIEW = "bf16 sampling view of the Linear weights (sampling_weights)"
 COPY = "unsharded sampling copy (bf16 Linears, sampling_weights)"
+QCOPY = "de-quantised sampling copy (bf16, LoRA merged, sampling_weights)"
 
 
 def _bytes(tensors) -> int:
@@ -56,3 +58,24 @@ def test_config_mapping():
     on = setup_from_config(compose_config(["experiment=dsrl_qwen3_1p7b_1gpu",
                                            "+module.rollout.engine_options.sampling_weights=bfloat16"]))
     assert on.sampling_weights and not setup_from_config(compose_config(["experiment=dsrl_qwen3_1p7b_1gpu"])).sampling_weights
+
+
+@pytest.mark.filterwarnings("ignore:.*quantization_config.*:UserWarning")
+def test_qlora_copy_item_is_the_bytes_the_engine_allocates():
+    """A 4-bit base (bf16 compute, as on a GPU): the de-quantised, merged copy, tied or not; only
+    the generation phases carry it."""
+    from prerl.models import TinyModelSpec
+
+    for tied in (False, True):
+        quant = {"type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+        policy = TinyModelSpec(quantization=quant, lora={"r": 4, "alpha": 8}, dtype="bfloat16",
+                               tie_word_embeddings=tied).build_model()
+        setup = TrainingSetup(preset="qlora", dtype="bf16", lora_r=4, prompts_per_step=2, response_len=16,
+                              prompt_len=8, sampling_weights=True)
+        estimate = estimate_memory(geometry_from_config(policy.config), setup)
+        item = dict(estimate.phase("generation: last decode").items)[QCOPY]
+        assert QCOPY not in dict(estimate.phase("training").items)
+        assert QCOPY not in dict(estimate_memory(geometry_from_config(policy.config),
+                                                 replace(setup, sampling_weights=False)).phase("generation: last decode").items)
+        with sampling_view(policy, "bfloat16", False, 4, 24, torch.device("cpu")) as (model, _):
+            assert item == _bytes(model.parameters()), tied

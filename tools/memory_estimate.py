@@ -462,7 +462,8 @@ class TrainingSetup:
         [module.rollout.engine_options.sampling_weights=bfloat16]: bf16 copies of the fp32 Linear
         weights in place of autocast's copies; under FSDP an unsharded copy (bf16 Linears, the rest
         as trained) built from the gathered full state instead of gathering blocks per forward
-        (a 4-bit base under FSDP is not copied). prerl.engines.sampling_weights.
+        (a 4-bit base under FSDP is not copied); a 4-bit base (unsharded) de-quantised into a bf16
+        copy with the adapters merged, beside the 4-bit weights. prerl.engines.sampling_weights.
     overhead_gib: CUDA context + allocator fragmentation + kernel workspaces (an assumption).
     """
 
@@ -704,6 +705,10 @@ def _static_items(g: ModelGeometry, s: TrainingSetup, counts: dict[str, int], ph
         items.append((f"embeddings, lm_head, norms ({s.dtype}, not quantised{shard})", w * rest / n))
         # bitsandbytes dequantises one weight to bf16 for each matmul (forward and backward).
         items.append(("NF4 dequantisation buffer (largest Linear, bf16)", 2 * max(i * o for _, i, o, _ in g.linear_modules())))
+        if phase == "generation" and s.sampling_weights and not s.fsdp:
+            # prerl.engines.sampling_weights: a plain copy of the whole model in bf16 (the compute
+            # dtype), LoRA merged, made once per rollout; a tied lm_head shares the embedding.
+            items.append(("de-quantised sampling copy (bf16, LoRA merged, sampling_weights)", 2 * P))
     items.append((f"LoRA adapters r={s.lora_r} (fp32{shard})", 4 * A / n))
     if grads:
         items.append(("LoRA gradients (fp32)", 4 * A / n))

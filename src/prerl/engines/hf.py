@@ -32,7 +32,8 @@ class HFEngine:
             distribution. Not with ``static_cache`` / ``compile``; under sharding (FSDP, whose
             ranks must step together) ``generate`` is used unless ``sampling_weights`` gathered a copy.
         sampling_weights: ``bfloat16``: sample from a bf16 view of the weights made once per rollout
-            (the Linear weights cast; under FSDP a gathered unsharded copy), under autocast, when it
+            (the Linear weights cast; under FSDP a gathered unsharded copy; a 4-bit base de-quantised
+            into a copy with LoRA merged), under autocast, when it
             fits in free memory, instead of autocast re-casting (and FSDP re-gathering) them every
             decoded token (prerl.engines.sampling_weights). None (default): the policy as it is.
     Prompts are bucketed by length before they are chunked, so a chunk's padding is as short as

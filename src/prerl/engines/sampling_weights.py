@@ -9,7 +9,13 @@ token. Here the cast (and the gather) happens once per rollout:
   bias (LoRA's A and B included) is replaced by a bf16 copy, and put back afterwards. The matmuls
   get exactly the operands autocast would give them (norms and embeddings stay float32, as they
   do under autocast), so under ``bf16-mixed`` the tokens are the same as without the option.
-  A 4-bit base (QLoRA) keeps its quantised weights.
+* **4-bit policy** (QLoRA, unsharded): bitsandbytes de-quantises every weight at every matmul of
+  every decoded token and LoRA adds two more matmuls per layer. Instead the base is de-quantised
+  once per rollout, exactly as the training forward de-quantises it, with the adapters merged
+  (``W + scale * B @ A``: :func:`prerl.models.export.merged_state_dict`), into a plain copy with
+  bf16 ``nn.Linear`` weights. The copy computes what the policy computes up to bf16 rounding of
+  the merged sum (the policy adds the adapters' output in its compute dtype), so its tokens may
+  differ from the 4-bit path's where two candidates are within rounding of each other.
 * **sharded policy** (FSDP, whose ranks step every forward together): the full weights are gathered
   once (``hf_state_dict``: every rank, LoRA merged) into an unsharded copy of the model whose
   ``nn.Linear`` weights are bf16, which samples without collectives, so each rank runs at its own
@@ -71,9 +77,10 @@ def _cast_linears(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
             module._parameters.update(params)
 
 
-def _gathered_copy(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """An unsharded eval-mode copy of a sharded policy (LoRA merged): Linear weights in ``dtype``,
-    everything else as the policy keeps it. A collective: every rank calls it."""
+def _dense_copy(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A plain, unsharded eval-mode copy of a sharded or 4-bit policy (LoRA merged, a 4-bit base
+    de-quantised): Linear weights in ``dtype``, everything else as :func:`hf_state_dict` gives it.
+    A collective when sharded: every rank calls it."""
     from prerl.engines.vllm import hf_name, hf_state_dict
     from prerl.models.params import unwrap_policy
 
@@ -93,12 +100,13 @@ def _gathered_copy(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     return copy.eval().requires_grad_(False)
 
 
-def _param_count(policy: torch.nn.Module, sharded: bool) -> tuple[int, int]:
-    """(Linear weight elements, all elements) of the full model (a meta build when sharded)."""
+def _param_count(policy: torch.nn.Module, rebuilt: bool) -> tuple[int, int]:
+    """(Linear weight elements, all elements) of the full model (of a meta build of the plain
+    model when ``rebuilt``: sharded or 4-bit)."""
     from prerl.models.params import unwrap_policy
 
     model = unwrap_policy(policy)
-    if sharded:
+    if rebuilt:
         with torch.device("meta"):
             model = type(model)(model.config)
     linear = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in _linears(model))
@@ -113,7 +121,8 @@ def sampling_view(policy: torch.nn.Module, dtype_name: str, sharded: bool, rows:
     Args:
         policy: the training policy (possibly FSDP-wrapped).
         dtype_name: ``bfloat16``.
-        sharded: the policy is sharded (FSDP): a gathered copy, else the Linear weights swapped in place.
+        sharded: the policy is sharded (FSDP): a gathered copy; a 4-bit policy: a de-quantised,
+            merged copy; else the Linear weights swapped in place.
         rows, length: sequences decoding at once and their prompt + response length (the fit check).
     Yields:
         (a model to call ``generate`` on, False), or (None, sharded) when the copy does not fit:
@@ -121,18 +130,25 @@ def sampling_view(policy: torch.nn.Module, dtype_name: str, sharded: bool, rows:
     """
     if dtype_name not in SAMPLING_WEIGHTS:
         raise ValueError(f"module.rollout.engine_options.sampling_weights={dtype_name!r}; use one of {SAMPLING_WEIGHTS}")
+    from prerl.models.export import _default_export_dtype
     from prerl.models.params import unwrap_policy
     from prerl.models.quant import is_quantized
 
     dtype = getattr(torch, dtype_name)
-    if sharded and is_quantized(policy):
+    quantized = is_quantized(policy)
+    dense = sharded or quantized  # a plain copy is built (else the Linear weights are swapped in place)
+    if sharded and quantized:
         reason = "a sharded 4-bit policy is not gathered"  # hf_state_dict does not de-quantise FSDP shards
     else:
-        linear, total = _param_count(policy, sharded)
-        trained = next(policy.parameters()).dtype.itemsize
-        # sharded: the gathered state (transient) and the copy (bf16 Linears, the rest as trained); else the bf16 Linears
-        copy_bytes = total * trained + linear * dtype.itemsize + (total - linear) * trained if sharded \
-            else linear * dtype.itemsize
+        linear, total = _param_count(policy, dense)
+        trained = next(p for p in policy.parameters() if p.is_floating_point()).dtype.itemsize
+        if sharded:  # the gathered state (transient) and the copy (bf16 Linears, the rest as trained)
+            copy_bytes = total * trained + linear * dtype.itemsize + (total - linear) * trained
+        elif quantized:  # the de-quantised, merged copy (bf16 Linears, the rest in the 4-bit compute dtype)
+            compute = _default_export_dtype(unwrap_policy(policy)).itemsize
+            copy_bytes = linear * dtype.itemsize + (total - linear) * compute
+        else:  # the bf16 Linears
+            copy_bytes = linear * dtype.itemsize
         need = copy_bytes + sampling_bytes(unwrap_policy(policy).config, rows, length)
         free = free_memory(device)
         reason = f"the copy and the KV cache need {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free" \
@@ -143,8 +159,8 @@ def sampling_view(policy: torch.nn.Module, dtype_name: str, sharded: bool, rows:
         return
     # cache_enabled=False: a cast autocast cached here would outlive the rollout inside Lightning's autocast
     with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
-        if sharded:
-            copy = _gathered_copy(policy, dtype)
+        if dense:
+            copy = _dense_copy(policy, dtype)
             try:
                 yield copy, False
             finally:
