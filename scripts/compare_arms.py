@@ -65,10 +65,10 @@ def eval_rows(a: list[RunResult], b: list[RunResult], n_boot: int) -> list[dict]
 
 
 def _mean(run: RunResult, key: str, last: int | None) -> float | None:
-    steps, values = run.curve(key)
-    if not len(values):
-        return None
-    return float(values[-last:].mean() if last else values.mean())
+    values = run.curve(key)[1]
+    values = values[-last:] if last else values
+    values = values[np.isfinite(values)]  # an update with nothing to measure logs NaN
+    return float(values.mean()) if len(values) else None
 
 
 def curve_rows(a: list[RunResult], b: list[RunResult], window: int) -> list[dict]:

@@ -17,6 +17,7 @@ only (and writes nothing while no run has finished).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = (only or set()) - set(study.arms)
         if unknown:
             parser.error(f"--only names unknown arms {sorted(unknown)}; arms: {sorted(study.arms)}")
+        if "module.rollout.engine=vllm" in study.train_overrides and importlib.util.find_spec("vllm") is None:
+            parser.error(f"{args.study} samples with vLLM, which this Python ({sys.executable}) lacks: "
+                         "bash scripts/setup_vllm.sh, then run it with .venv-vllm/bin/python")
         outcomes = run_study(study, args.jobs, args.commit, only, args.keep_checkpoints)
         for run_id, outcome in outcomes.items():
             print(f"{run_id}: {outcome}")

@@ -244,6 +244,18 @@ def _study(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
+def test_a_vllm_study_without_vllm_is_refused_before_any_run(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this environment")
+    raw = OmegaConf.to_container(OmegaConf.load(STUDY))
+    path = _write(tmp_path, train_overrides=[*raw["train_overrides"], "module.rollout.engine=vllm"])
+    proc = _study("run", str(path))
+    assert proc.returncode == 2 and "samples with vLLM" in proc.stderr and ".venv-vllm/bin/python" in proc.stderr
+    assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()
+
+
 @pytest.mark.slow
 def test_tiny_study_runs_resumes_and_reports(tmp_path):
     path = _write(tmp_path)
