@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         report["pairs"].append(row)
         print(f"| {key} - {keys[0]} | " + " | ".join(cells) + " |")
     agree = all(p[m]["agree"] for p in report["pairs"] for m in ("right", "length", "truncated", "logprob"))
-    print(f"\n{'agree' if agree else 'DIFFER'}: every interval {'contains' if agree else 'does not all contain'} 0")
+    print("\nagree: every interval contains 0" if agree else "\nDIFFER: an interval excludes 0")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**report, "agree": agree}, indent=1))
     return 0
