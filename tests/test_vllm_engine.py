@@ -124,6 +124,18 @@ def test_building_vllm_without_vllm_is_a_clear_install_error(tiny_tokenizer):
         build_engine("vllm", policy=lambda: policy, tokenizer=tiny_tokenizer, synced_gpus=lambda: False)
 
 
+def test_only_the_rotary_reload_warning_of_a_weight_sync_is_dropped():
+    import logging
+
+    from prerl.engines.vllm import _not_rotary_reload_warning
+
+    def record(layer):  # as vllm/model_executor/model_loader/reload/layerwise.py logs it
+        return logging.LogRecord("vllm", logging.WARNING, "layerwise.py", 266, "%s: Failed to load weights", (layer,), None)
+
+    assert not _not_rotary_reload_warning(record("RotaryEmbedding"))
+    assert _not_rotary_reload_warning(record("QKVParallelLinear"))
+
+
 def test_the_registry_knows_vllm_without_importing_it():
     import sys
 

@@ -128,7 +128,15 @@ def import_vllm():
     logging.getLogger("vllm.renderers.base").addFilter(
         lambda record: "Chat template warmup failed" not in str(record.msg)
         and "Tokenizer not available" not in record.getMessage())
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_not_rotary_reload_warning)
     return vllm
+
+
+def _not_rotary_reload_warning(record: logging.LogRecord) -> bool:
+    """False for vLLM's "RotaryEmbedding: Failed to load weights" at each weight sync: its cos/sin
+    cache is computed from the config, never in a state dict, and vLLM puts it back unchanged (the
+    sync itself is checked: train/rollout_mismatch stays ~0). Any other layer's failure is kept."""
+    return record.getMessage() != "RotaryEmbedding: Failed to load weights"
 
 
 # --------------------------------------------------------------------------- weights
