@@ -700,3 +700,25 @@ def test_cli_verdicts(capsys):
     cli.main(["experiment=dsrl_qwen3_4b", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["fits_hardware"] is True and out["per_rank"]["prompts"] == 16 and out["peak"] > 0
+
+
+def test_largest_micro_batch_token_budget_is_the_edge_of_fitting():
+    """max_micro_batch_tokens: at the returned budget the training and scoring phases fit, one step
+    more and they do not; the whole batch on a huge card; 0 where one row does not fit."""
+    from tools.memory_estimate import TOKEN_BUDGET_STEP, format_report, max_micro_batch_tokens
+
+    setup = TrainingSetup(preset="full", dtype="fp32", autocast=True, prompts_per_step=8, group_size=8,
+                          response_len=4096, prompt_len=512, gradient_checkpointing=True, logprob_chunk_tokens=1024)
+    est = estimate_memory("qwen3-1.7b", setup)
+
+    def update_peak(budget: int) -> float:
+        trial = estimate_memory("qwen3-1.7b", replace(setup, micro_batch=setup.sequences_per_rank,
+                                                      max_tokens_per_micro_batch=budget))
+        return max(p.total for p in trial.phases if p.short in ("training", "scoring")) + trial.overhead
+
+    budget = max_micro_batch_tokens(est, 80)
+    assert setup.seq_len < budget < setup.sequences_per_rank * setup.seq_len
+    assert update_peak(budget) <= 80 * GiB < update_peak(budget + TOKEN_BUDGET_STEP)
+    assert max_micro_batch_tokens(est, 10_000) >= setup.sequences_per_rank * setup.seq_len
+    assert max_micro_batch_tokens(est, 8) == 0
+    assert f"max_tokens_per_micro_batch={budget} " in format_report(est, 80)

@@ -900,6 +900,33 @@ def max_generation_batch(est: MemoryEstimate, gpu_gib: float, validation: bool =
     return max(0, n // samples * samples)
 
 
+TOKEN_BUDGET_STEP = 256  # granularity of max_micro_batch_tokens
+
+
+def max_micro_batch_tokens(est: MemoryEstimate, gpu_gib: float) -> int:
+    """The largest per-rank token budget of one forward/backward
+    (``module.update.max_tokens_per_micro_batch``, a multiple of :data:`TOKEN_BUDGET_STEP`) for
+    which the training and no-grad scoring phases fit ``gpu_gib`` with the overhead, with
+    ``micro_batch_size`` raised to the whole per-rank batch so that the budget alone sizes the
+    micro-batches (larger ones keep a GPU busier). Capped at the whole batch's tokens; 0 if not even
+    one full-length row fits. The other phases do not depend on it."""
+    s = est.setup
+    limit = gpu_gib * GiB - est.overhead
+    whole = s.sequences_per_rank * s.seq_len
+
+    def fits(budget: int) -> bool:
+        trial = estimate_memory(est.model, replace(s, micro_batch=s.sequences_per_rank, max_tokens_per_micro_batch=budget))
+        return all(p.total <= limit for p in trial.phases if p.short in ("training", "scoring"))
+
+    if not fits(TOKEN_BUDGET_STEP):  # below the row length a budget still holds one full row
+        return 0
+    lo, hi = 1, -(-whole // TOKEN_BUDGET_STEP)  # in steps: lo fits, hi is the cap
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid * TOKEN_BUDGET_STEP) else (lo, mid - 1)
+    return lo * TOKEN_BUDGET_STEP
+
+
 def suggestions(est: MemoryEstimate, gpu_gib: float) -> list[str]:
     """What would make every phase fit, phase by phase (config keys to change)."""
     s, out = est.setup, []
@@ -913,8 +940,10 @@ def suggestions(est: MemoryEstimate, gpu_gib: float) -> list[str]:
     if failing & {"training", "no-grad"}:
         if s.logprob_chunk_tokens is None:
             out.append("module.update.logprob_chunk_tokens=1024")
-        if s.micro_rows > 1:
-            out.append("a smaller module.update.max_tokens_per_micro_batch or micro_batch_size")
+        budget = max_micro_batch_tokens(est, gpu_gib)
+        if budget:
+            out.append(f"module.update.max_tokens_per_micro_batch={budget} "
+                       f"module.update.micro_batch_size={s.sequences_per_rank}")
         if not s.gradient_checkpointing:
             out.append("gradient checkpointing")
     if "optimizer" in failing or not out:
@@ -1003,6 +1032,12 @@ def format_report(est: MemoryEstimate, gpu_gib: float | None = None, gpus: int |
             lines.append(f"VERDICT ({where}): DOES NOT FIT, {est.peak / GiB:.2f} GiB estimated peak in "
                          f"'{est.peak_phase.name}'; largest item: {label.strip()}, {b / GiB:.2f} GiB; "
                          f"try: {', '.join(suggestions(est, gpu_gib))}")
+        budget = max_micro_batch_tokens(est, gpu_gib)
+        lines.append(f"LARGEST MICRO-BATCH ({where}): " + (
+            f"module.update.max_tokens_per_micro_batch={budget} module.update.micro_batch_size="
+            f"{est.setup.sequences_per_rank} (the training and scoring phases then fit; now "
+            f"{_rows_label(est.setup.micro_rows)} rows of {est.setup.seq_len})" if budget else
+            "not even one full-length row fits in training"))
         if gpus is not None and gpus != est.setup.gpus:
             lines.append(f"NOTE: the hardware declares {gpus} GPU(s), the run uses {est.setup.gpus} rank(s)")
     fits = fits_standard_gpus(est)
