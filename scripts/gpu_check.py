@@ -17,7 +17,9 @@ against estimated memory.
    one-token forwards), sampled tok/s, the memory-bound limit (bytes a bf16 decode step must read:
    block and head weights, NF4 blocks at 0.5 byte, plus the KV cache at the mean context; over the
    copy bandwidth) and the step's fraction of it, the update's TFLOP/s (train/perf/update_tflops:
-   model FLOPs, prerl.flops) and its fraction of the measured matmul rate. Per setting: peak
+   model FLOPs, prerl.flops) and its fraction of the measured matmul rate, with the update's
+   micro-batches as large as the card holds by the estimator (``--update-budget largest``:
+   ``max_micro_batch_tokens``; ``preset`` keeps the preset's). Per setting: peak
    torch.cuda.max_memory_allocated next to the estimator's figure (the largest over the modes,
    without its assumed allocator overhead).
 3. Optional, as before: ``--paths`` (bf16, fsdp, qlora through train() on --model) and ``--presets``
@@ -65,7 +67,7 @@ from prerl.models.params import unwrap_policy  # noqa: E402
 
 from prerl.train import train  # noqa: E402
 from tools.estimate_config import estimate_run  # noqa: E402
-from tools.memory_estimate import GiB  # noqa: E402
+from tools.memory_estimate import GiB, max_micro_batch_tokens  # noqa: E402
 
 GPU_PRESETS = ("dsrl_qwen3_4b", "qlora_qwen3_4b_24gb", "dsrl_qwen3_1p7b_1gpu")
 # Qwen3 architectures (the models' config.json); "tiny" keeps the vocabulary, shrinks the rest.
@@ -342,6 +344,15 @@ def run_setting(setting: str, args, out: Path, peak_tflops: float, bandwidth: fl
     prompts = write_long_prompts(out / "long_prompts.jsonl", 64, max(args.prompt_len - CHAT_OVERHEAD, QUESTION_MIN))
     modes = [m for m in args.modes.split(",") if m]
     overrides = setting_overrides(setting, folder, prompts, args, modes)
+    budget = None
+    if args.update_budget == "largest":  # the update's micro-batches as large as the card holds (estimated)
+        run = estimate_run(compose_train(overrides))
+        gpu_gib = (torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available()
+                   else float(run.hardware["gpu_memory_gb"]))
+        budget = max_micro_batch_tokens(run.estimate, gpu_gib)
+        if budget:
+            overrides += [f"module.update.max_tokens_per_micro_batch={budget}",
+                          f"module.update.micro_batch_size={run.estimate.setup.sequences_per_rank}"]
     estimates = []
     for mode in modes:  # the estimator counts the sampling copy of sampling_weights
         over = overrides[:]
@@ -365,6 +376,7 @@ def run_setting(setting: str, args, out: Path, peak_tflops: float, bandwidth: fl
                      "update_of_peak": r["update_tflops"] / peak_tflops})
     largest = max(estimates, key=lambda e: e.peak_phase.total)
     return {"setting": setting, "folder": str(folder), "seconds": round(seconds, 1), "overrides": overrides,
+            "update_token_budget": budget,
             "modes": rows, "skipped_modes": modes[max(len(rows) - 1, 0):],  # by --budget-s
             "peak_gpu_mem_gib": _peak_gib(), "estimate_gib": round(largest.peak_phase.total / GiB, 3),
             "estimate_phase": largest.peak_phase.name}
@@ -477,6 +489,9 @@ def print_settings(chip: dict, settings: list[dict]) -> None:
                   f"{m['of_memory_bound']:>9.3f}{m['update_tflops']:>12.3f}{m['update_of_peak']:>8.3f}")
         if r["skipped_modes"]:
             print(f"{r['setting']:<16}skipped (--budget-s): {','.join(r['skipped_modes'])}")
+        if r["update_token_budget"]:
+            print(f"{r['setting']:<16}update micro-batches: {r['update_token_budget']}-token budget (the largest the "
+                  "card holds, estimated)")
     print("(ms/step: the rollout's wall time minus its prefill forwards, per one-token forward; bound ms: the bytes a "
           "bf16 decode step reads (weights, NF4 blocks at 0.5 byte, KV cache at the mean context) over the copy "
           "bandwidth; upd TFLOP/s: train/perf/update_tflops, model FLOPs over the update's wall time; of peak: over "
@@ -539,6 +554,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="response tokens (settings and paths)")
     parser.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (settings)")
     parser.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul benchmark (CPU: 256)")
+    parser.add_argument("--update-budget", choices=["largest", "preset"], default="largest",
+                        help="settings' update micro-batches: the largest token budget the card holds (estimator: "
+                             "max_micro_batch_tokens; on CPU the preset's declared GPU) or the preset's own")
     parser.add_argument("--paths", default="", help="code paths to run: bf16,fsdp,qlora ('' for none)")
     parser.add_argument("--presets", default="", help=f"experiment presets to run: {','.join(GPU_PRESETS)} ('' for none)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer updates per path")

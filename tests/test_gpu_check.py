@@ -101,6 +101,8 @@ def test_engine_modes_on_random_qwen3_folders(tmp_path):
         assert config["architectures"] == ["Qwen3ForCausalLM"] and config["vocab_size"] == 151936
         assert [m["mode"] for m in row["modes"]] == ["generate (warm-up)", "generate", "refill-bf16"]
         assert row["skipped_modes"] == [] and row["peak_gpu_mem_gib"] is None and row["estimate_gib"] > 0
+        budget = row["update_token_budget"]  # --update-budget largest (default): on CPU, the preset's declared GPU
+        assert budget > 0 and f"module.update.max_tokens_per_micro_batch={budget}" in row["overrides"]
         for m in row["modes"]:
             assert m["sequences"] == 4 and m["tokens"] > 0 and m["decode_steps"] >= m["new_tokens_max"] - 1
             for key in ("ms_per_decode_step", "tokens_per_s", "memory_bound_ms", "of_memory_bound", "update_tflops",
