@@ -10,7 +10,8 @@ docs/reproduction_long.md for the 150-update one, configs/study/long.yaml).
 newest checkpoint, an evaluation from its finished chunks), so it can be stopped (Ctrl-C, a
 reboot) and started again; ``--commit`` commits each run's results as it finishes. ``--only
 grpo,dsrl_s4`` restricts it to some arms. ``touch <work_dir>/STOP`` (logs/study/<name>/STOP)
-finishes the runs under way and starts no new one. ``report`` needs no model: it reads the results
+finishes the runs under way and starts no new one; ``--stop-by 12:55`` starts only runs expected
+(from the study's finished runs) to end by then, e.g. before a work session ends. ``report`` needs no model: it reads the results
 only (and writes nothing while no run has finished).
 """
 
@@ -21,6 +22,7 @@ import importlib.util
 import logging
 import os
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with the study's thread count)")
     parser.add_argument("--commit", action="store_true", help="git-commit each run's results when it finishes")
     parser.add_argument("--only", default=None, help="comma-separated arm names (the base evaluation always runs)")
+    parser.add_argument("--stop-by", default=None, metavar="HH:MM",
+                        help="start only runs expected (from this study's finished runs) to end by then, local "
+                             "time (a time already past today means tomorrow): e.g. the end of a work session")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' checkpoints")
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)  # tests: a copy of the project
     args = parser.parse_args(argv)
@@ -55,7 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         if "module.rollout.engine=vllm" in study.train_overrides and importlib.util.find_spec("vllm") is None:
             parser.error(f"{args.study} samples with vLLM, which this Python ({sys.executable}) lacks: "
                          "bash scripts/setup_vllm.sh, then run it with .venv-vllm/bin/python")
-        outcomes = run_study(study, args.jobs, args.commit, only, args.keep_checkpoints)
+        stop_by = None
+        if args.stop_by is not None:
+            try:
+                clock = datetime.strptime(args.stop_by, "%H:%M").time()
+            except ValueError:
+                parser.error(f"--stop-by takes a local time HH:MM, got {args.stop_by!r}")
+            now = datetime.now()
+            when = datetime.combine(now.date(), clock)
+            stop_by = (when if when > now else when + timedelta(days=1)).timestamp()
+        outcomes = run_study(study, args.jobs, args.commit, only, args.keep_checkpoints, stop_by)
         for run_id, outcome in outcomes.items():
             print(f"{run_id}: {outcome}")
         return 1 if any(o.startswith("failed") for o in outcomes.values()) else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -210,6 +211,46 @@ def test_plan_is_base_then_seed_by_seed_and_best_arm_waits_for_results(tmp_path)
     study = load_study(_write(tmp_path), ROOT)
     assert [r.id for r in planned_runs(study)] == ["base", "grpo-seed0", "dsrl_s1-seed0", "nsr_prerl-seed0"]
     assert replicate_runs(study) == ([], ["best:dsrl_s1"])
+
+
+def test_stop_by_starts_only_runs_expected_to_end_in_time(tmp_path, monkeypatch):
+    """With --stop-by, a pending run starts only if this study's finished runs (its arm's, else the
+    longest of any arm) say it ends in time: after a 5000 s run, an arm known to take 100 s starts,
+    an arm never run does not; with room for everything it starts too."""
+    study = load_study(_write(tmp_path), ROOT)
+    long_arm, short_arm, unknown_arm = study.arms  # grpo, dsrl_s1, nsr_prerl
+    started = []
+
+    def finished(run, seconds):
+        dest = study.results_dir / run.id
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "done.json").write_text(json.dumps({"run": run.id, "arm": run.arm, "seed": run.seed,
+                                                    "seconds": {"train_stage": seconds, "eval_stage": 0.0}}))
+        return dest
+
+    def fake_run_one(study, run, keep_checkpoints=False):  # as run_one: a finished run returns at once
+        if (study.results_dir / run.id / "done.json").exists():
+            return study.results_dir / run.id
+        started.append(run.id)
+        return finished(run, 100.0 if run.arm == short_arm else 5000.0)
+
+    monkeypatch.setattr(runner_lib, "run_one", fake_run_one)
+    monkeypatch.setattr(runner_lib, "alignment", lambda study: None)
+    finished(Run(short_arm, 7), 100.0)  # an earlier session's run of the short arm
+    outcomes = runner_lib.run_study(study, jobs=1, stop_by=time.time() + 600)
+    assert started == ["base", f"{long_arm}-seed0", f"{short_arm}-seed0"]
+    assert outcomes[f"{unknown_arm}-seed0"].startswith("not started: expected to take 83 min")
+    assert "min left before --stop-by" in outcomes[f"{unknown_arm}-seed0"]
+    assert runner_lib.expected_seconds(study, Run(short_arm, 1)) == 100.0
+    started.clear()
+    runner_lib.run_study(study, jobs=1, stop_by=time.time() + 10_000)  # room for everything
+    assert started == [f"{unknown_arm}-seed0"]
+
+
+def test_a_malformed_stop_by_is_refused(tmp_path):
+    proc = _study("run", str(_write(tmp_path)), "--stop-by", "25:99")
+    assert proc.returncode == 2 and "--stop-by takes a local time HH:MM, got '25:99'" in proc.stderr
+    assert not (tmp_path / "work").exists()
 
 
 def test_committer_commits_new_results_once_and_a_skipped_run_costs_nothing(tmp_path, caplog):

@@ -294,9 +294,27 @@ class _Committer:
             log.warning("could not commit %s (left for the next commit)", rel)
 
 
+def expected_seconds(study: Study, run: Run) -> float | None:
+    """Wall seconds a pending run is expected to take: the mean over this study's finished runs of
+    its arm (their ``done.json`` stages), else the longest finished trained run of any arm, else
+    None (nothing finished yet)."""
+    by_arm: dict[str, list[float]] = {}
+    for done in study.results_dir.glob("*/done.json"):
+        record = _json(done)
+        if record and record.get("arm") != "base":
+            by_arm.setdefault(record["arm"], []).append(sum(record.get("seconds", {}).values()))
+    if run.arm in by_arm:
+        return sum(by_arm[run.arm]) / len(by_arm[run.arm])
+    return max((max(v) for v in by_arm.values()), default=None)
+
+
 def run_study(study: Study, jobs: int = 1, commit: bool = False, only: set[str] | None = None,
-              keep_checkpoints: bool = False) -> dict[str, str]:
-    """Run every planned run not yet done, ``jobs`` at a time; return {run id: outcome}."""
+              keep_checkpoints: bool = False, stop_by: float | None = None) -> dict[str, str]:
+    """Run every planned run not yet done, ``jobs`` at a time; return {run id: outcome}.
+
+    ``stop_by`` (a ``time.time()``): a pending run is started only if it is expected
+    (:func:`expected_seconds`) to finish by then, so a session that ends then wastes no time on a
+    run it would cut off; a later, shorter pending run may start instead."""
     committer = _Committer(study, commit)
     if alignment(study) is not None:
         committer([study.results_dir / "analysis"], f"study {study.name}: alignment probe of the base model")
@@ -311,6 +329,15 @@ def run_study(study: Study, jobs: int = 1, commit: bool = False, only: set[str] 
                     continue
                 if len(running) >= jobs:
                     break
+                need = None if stop_by is None or (study.results_dir / run.id / "done.json").exists() \
+                    else expected_seconds(study, run)
+                if need is not None and time.time() + need > stop_by:
+                    if run.id not in outcomes:
+                        outcomes[run.id] = (f"not started: expected to take {need / 60:.0f} min, "
+                                            f"{max(stop_by - time.time(), 0) / 60:.0f} min left before --stop-by")
+                        log.info("%s: %s", run.id, outcomes[run.id])
+                    continue
+                outcomes.pop(run.id, None)
                 submitted.add(run.id)
                 running[pool.submit(run_one, study, run, keep_checkpoints)] = run
             if not running:
