@@ -153,6 +153,19 @@ def test_results_reader_gives_renamed_metrics_their_current_names(tmp_path):
     assert "z_behaviour/reflection" in committed.curves and not any(k.startswith("behaviour/") for k in committed.curves)
 
 
+def test_a_curve_skips_the_updates_that_logged_nan(tmp_path):
+    """The cross-space diagnostics are logged every k updates and NaN in between: a curve is the
+    measured points only, so trailing means over updates are numbers (they were NaN: blank plots)."""
+    folder = tmp_path / "grpo-seed0"
+    (folder / "eval" / "problems").mkdir(parents=True)
+    (folder / "eval" / "summary.json").write_text("{}")
+    (folder / "done.json").write_text(json.dumps({"run": folder.name, "arm": "grpo", "seed": 0}))
+    gap = {str(s): (0.1 * s if s % 5 == 0 else float("nan")) for s in range(12)}
+    (folder / "curves.json").write_text(json.dumps({"train/logprob_gap": gap}))
+    steps, values = load_run(folder).curve("train/logprob_gap")
+    assert steps.tolist() == [0, 5, 10] and np.allclose(values, [0.0, 0.5, 1.0])
+
+
 def _evaluated(run_id: str, correct: np.ndarray, periodic: dict[int, np.ndarray] | None = None) -> RunResult:
     """A run whose held-out evaluation has these (problems, samples) right answers."""
     def result(c: np.ndarray) -> RunResult:
@@ -205,6 +218,11 @@ def test_collapse_step_is_the_first_evaluation_clearly_below_the_base_and_the_or
     report = Report(study, report.results, planned_runs(study), None)
     claims = {c["claim"].split(" (")[0]: c for c in report.collapse_claims()}
     assert claims["psr_prerl falls below the base model within 3 updates"]["verdict"] == "pending (1 of 2 seeds finished)"
+    # before any pre-train-space arm has finished: a sentence, not an empty table
+    report = Report(study, {r.run_id: r for r in runs[:2]}, planned_runs(study), None)
+    tables = report.periodic_tables()
+    assert tables[-1] == "No pre-train-space arm has finished yet: no collapse step to report."
+    assert not any(line.startswith("| arm | seeds | minus base") for line in tables)
 
 
 def test_plan_is_base_then_seed_by_seed_and_best_arm_waits_for_results(tmp_path):

@@ -229,12 +229,17 @@ class Report:
         return np.array(steps, dtype=int), np.array(values, dtype=float)
 
     @staticmethod
-    def _seconds_by_phase(r: RunResult) -> dict[int, float]:
+    def _seconds_by_phase(r: RunResult, per_token: bool = False) -> dict[int, float]:
+        """Median seconds per update (rollout + update) in each phase; ``per_token``: each update's
+        seconds over its mean response length (responses per update are fixed), so that phases
+        sampling responses of different lengths compare per token."""
         phase = r.curves.get(PHASE, {})
         rollout, update = r.curves.get("train/time/rollout_s", {}), r.curves.get("train/time/update_s", {})
+        length = r.curves.get(LENGTH, {}) if per_token else {}
         by: dict[int, list[float]] = {}
-        for step in sorted(set(rollout) & set(update) & set(phase)):
-            by.setdefault(int(phase[step]), []).append(rollout[step] + update[step])
+        for step in sorted(set(rollout) & set(update) & set(phase) & (set(length) if per_token else set(phase))):
+            seconds = rollout[step] + update[step]
+            by.setdefault(int(phase[step]), []).append(seconds / max(length[step], 1.0) if per_token else seconds)
         return {p: float(np.median(v)) for p, v in sorted(by.items())}
 
     def claims(self) -> list[dict[str, str]]:
@@ -368,16 +373,23 @@ class Report:
                 missing(claim, f"GRPO and DSRL evaluated on {s}")
 
         claim = "Compute: an NSR-PreRL update costs no more than a GRPO update"
-        phases = {}
+        phases, tokens = {}, {}
         for arm in self._role("dsrl"):
             for r in arm.runs:
                 for p, sec in self._seconds_by_phase(r).items():
                     phases.setdefault(p, []).append(sec)
+                for p, sec in self._seconds_by_phase(r, per_token=True).items():
+                    tokens.setdefault(p, []).append(sec)
         if len(phases) >= 2:
             p1, p2 = float(np.median(phases[1])), float(np.median(phases[2]))
+            per_token = ""
+            if len(tokens) >= 2:
+                t1, t2 = float(np.median(tokens[1])), float(np.median(tokens[2]))
+                per_token = f"; per response token (an update's seconds over its mean length) ratio {t1 / t2:.2f}"
             add(claim, f"median seconds per update (rollout + update) in DSRL runs: phase 1 (NSR-PreRL) {p1:.1f}, "
-                f"phase 2 (GRPO) {p2:.1f}, ratio {p1 / p2:.2f}",
-                "runs shared the machine; see benchmarks/grpo_vs_trl.py for quiet timings", "measured")
+                f"phase 2 (GRPO) {p2:.1f}, ratio {p1 / p2:.2f}{per_token}",
+                "runs shared the machine; the phases sample responses of different lengths; see "
+                "benchmarks/grpo_vs_trl.py for quiet timings", "measured")
         else:
             missing(claim, "a DSRL run")
         return rows
@@ -486,11 +498,14 @@ class Report:
                 v = arm.at(step, last).seed_values(f"{self.primary}/avg@{n}")
                 row.append("n/a" if not v else f"{np.mean(v):.3f}" + (f" ({min(v):.3f}-{max(v):.3f})" if len(v) > 1 else ""))
             lines.append("| " + " | ".join(row) + " |")
+        variants = self._role("prerl_variant")
+        if not variants:
+            return lines + ["", "No pre-train-space arm has finished yet: no collapse step to report."]
         head = ["arm", "seeds"] + [f"minus base at {s}" for s in self.eval_steps] + ["collapse step", "each seed alone"]
         lines += ["", "Each pre-train-space arm minus the base model (95% interval over problems and seeds); the "
                   "collapse step is the first evaluation whose interval lies below 0.", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for arm in self._role("prerl_variant"):
+        for arm in variants:
             c = self.collapse(arm)
             by_step = {row[0]: row for row in c["rows"]}
             row = [arm.name, ",".join(str(r.seed) for r in arm.runs)]

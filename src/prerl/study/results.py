@@ -71,8 +71,10 @@ class RunResult:
         return [str(r["id"]) for r in self.problems[eval_set]]
 
     def curve(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, values) of a training curve, sorted by step (empty if never logged)."""
-        points = self.curves.get(key, {})
+        """(steps, values) of a training curve, sorted by step (empty if never logged), without the
+        updates that logged NaN (a metric measured every few updates, e.g. the cross-space
+        diagnostics, is NaN in between)."""
+        points = {s: v for s, v in self.curves.get(key, {}).items() if np.isfinite(v)}
         steps = np.array(sorted(points), dtype=int)
         return steps, np.array([points[s] for s in steps], dtype=float)
 
