@@ -225,6 +225,30 @@ def test_collapse_step_is_the_first_evaluation_clearly_below_the_base_and_the_or
     assert not any(line.startswith("| arm | seeds | minus base") for line in tables)
 
 
+def test_steps_to_a_training_accuracy_wait_for_the_planned_seeds_then_compare_their_ranges(tmp_path):
+    """'DSRL reaches accuracy t in fewer steps': pending while an arm planned with two seeds has one
+    (it said 'inconclusive', unlike every other claim), held once both seeds' steps are apart."""
+    arms = {"grpo": {"role": "grpo", "overrides": [], "seeds": [0, 1]},
+            "dsrl_s1": {"role": "dsrl", "overrides": [], "seeds": [0, 1]}}
+    study = load_study(_write(tmp_path, updates=6, arms=arms, replicate=None), ROOT)  # window 1, threshold 0.5
+    correct = np.ones((8, 2), dtype=bool)  # the tiny study's 2 samples per problem
+    runs = {}
+    for arm, reached in (("grpo", 5), ("dsrl_s1", 2)):  # the first update whose accuracy is >= 0.5
+        for seed in (0, 1):
+            run = _evaluated(f"{arm}-seed{seed}", correct)
+            run.curves = {"train/accuracy": {s: float(s >= reached + seed) for s in range(1, 7)}}
+            runs[run.run_id] = run
+
+    def verdict(results: dict) -> dict:
+        report = Report(study, results, planned_runs(study), None)
+        return next(c for c in report.claims() if c["claim"].startswith("DSRL reaches training accuracy 0.5"))
+
+    first_seeds = {k: v for k, v in runs.items() if k.endswith("seed0")}
+    assert verdict(first_seeds)["verdict"] == "pending (1 of 2 seeds finished)"
+    both = verdict(runs)
+    assert both["verdict"] == "held" and "dsrl_s1 [2, 3], grpo [5, 6]" in both["measured"]
+
+
 def test_plan_is_base_then_seed_by_seed_and_best_arm_waits_for_results(tmp_path):
     study = load_study(_write(tmp_path), ROOT)
     assert [r.id for r in planned_runs(study)] == ["base", "grpo-seed0", "dsrl_s1-seed0", "nsr_prerl-seed0"]

@@ -300,7 +300,7 @@ class Report:
             measured = (f"steps (trailing {self.window}-update mean of train/accuracy): {best.name} {_steps_text(b)}, "
                         f"{grpo.name} {_steps_text(g)}")
             if all(s is None for s in g + b):
-                add(claim, measured, "neither reached it", "inconclusive")
+                add(claim, measured, "neither reached it", self._seeded("inconclusive", best, grpo))
                 continue
             ratio = np.median(g_max) / np.median(b_max)
             if min(len(g), len(b)) < 2:  # one seed has no spread: a difference in steps says nothing yet
@@ -308,7 +308,7 @@ class Report:
             else:
                 v = "held" if max(b_max) < min(g_max) else "did not hold" if min(b_max) > max(g_max) else "inconclusive"
                 spread = "held / did not hold only when the seeds' ranges do not overlap"
-            add(claim, measured + f"; ratio GRPO/DSRL {ratio:.2f} (never = N+1)", spread, v)
+            add(claim, measured + f"; ratio GRPO/DSRL {ratio:.2f} (never = N+1)", spread, self._seeded(v, best, grpo))
 
         base = self._base_view()
         for name, claim in (("psr_prerl", "PSR-PreRL alone collapses (accuracy falls below the base model's)"),
