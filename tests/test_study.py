@@ -24,6 +24,7 @@ from prerl.study.stats import (
     bootstrap_ci,
     moving_average,
     paired_bootstrap_ci,
+    per_problem_accuracy,
     steps_to_threshold,
     two_level_bootstrap_ci,
     verdict,
@@ -114,6 +115,14 @@ def _write(tmp_path: Path, **changes) -> Path:
     ({"arms": {"dsrl": {"role": "dsrl", "overrides": []}}}, "role grpo"),
     ({"replicate": {"seeds": [1], "arms": ["best:grpo,nope"]}}, "unknown arms"),
     ({"periodic_eval": {"every": 2}}, r"periodic_eval.every must be in \[1, updates = 2\)"),
+    ({"report": {"ablations": [{"arm": "nope", "against": "grpo", "expected": "<", "claim": "c"}]}},
+     r"report.ablations\[0\] names arms that are not defined: \['nope'\]"),
+    ({"report": {"ablations": [{"arm": "grpo", "against": "grpo", "expected": "lower", "claim": "c"}]}},
+     r"report.ablations\[0\].expected must be"),
+    ({"report": {"ablations": [{"arm": "grpo", "against": "grpo", "expected": "<", "claim": "c", "measure": "auc"}]}},
+     r"report.ablations\[0\].measure must be one of \('final', 'over_updates'\)"),
+    ({"periodic_eval": None, "report": {"ablations": [{"arm": "grpo", "against": "grpo", "expected": "<", "claim": "c",
+                                                       "measure": "over_updates"}]}}, "needs periodic_eval.every"),
 ])
 def test_bad_study_files_fail_when_read_naming_the_key(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
@@ -230,7 +239,8 @@ def test_steps_to_a_training_accuracy_wait_for_the_planned_seeds_then_compare_th
     (it said 'inconclusive', unlike every other claim), held once both seeds' steps are apart."""
     arms = {"grpo": {"role": "grpo", "overrides": [], "seeds": [0, 1]},
             "dsrl_s1": {"role": "dsrl", "overrides": [], "seeds": [0, 1]}}
-    study = load_study(_write(tmp_path, updates=6, arms=arms, replicate=None), ROOT)  # window 1, threshold 0.5
+    report = {**OmegaConf.to_container(OmegaConf.load(STUDY))["report"], "ablations": []}  # window 1, threshold 0.5
+    study = load_study(_write(tmp_path, updates=6, arms=arms, replicate=None, report=report), ROOT)
     correct = np.ones((8, 2), dtype=bool)  # the tiny study's 2 samples per problem
     runs = {}
     for arm, reached in (("grpo", 5), ("dsrl_s1", 2)):  # the first update whose accuracy is >= 0.5
@@ -247,6 +257,39 @@ def test_steps_to_a_training_accuracy_wait_for_the_planned_seeds_then_compare_th
     assert verdict(first_seeds)["verdict"] == "pending (1 of 2 seeds finished)"
     both = verdict(runs)
     assert both["verdict"] == "held" and "dsrl_s1 [2, 3], grpo [5, 6]" in both["measured"]
+
+
+def test_an_ablation_over_updates_sees_an_earlier_fall_that_the_final_evaluation_cannot(tmp_path):
+    """Both arms end at 0 (the floor): measured at the last update the ablation is inconclusive;
+    averaged over every evaluation, the arm that fell at update 1 instead of 3 is lower (held). A
+    run without its periodic evaluations leaves the row pending instead of averaging fewer points."""
+    rng = np.random.default_rng(1)
+    base = rng.random((48, 4)) < 0.6
+    wrong = np.zeros_like(base)
+    arms = {"grpo": {"role": "grpo", "overrides": [], "seeds": [0]},
+            "slow": {"role": "prerl_variant", "overrides": [], "seeds": [0, 1]},
+            "fast": {"role": "prerl_variant", "overrides": [], "seeds": [0, 1]}}
+    ablation = {"arm": "fast", "against": "slow", "expected": "<", "claim": "Ablation falls earlier"}
+    runs = {"base": _evaluated("base", base), "grpo-seed0": _evaluated("grpo-seed0", base, {1: base, 2: base})}
+    for seed in (0, 1):
+        for run in (_evaluated(f"slow-seed{seed}", wrong, {1: base, 2: base}), _evaluated(f"fast-seed{seed}", wrong, {1: wrong, 2: wrong})):
+            runs[run.run_id] = run
+
+    def row(measure: str, results: dict) -> dict:
+        study = load_study(_write(tmp_path, updates=3, periodic_eval={"every": 1}, arms=arms, replicate=None,
+                                  report={**OmegaConf.to_container(OmegaConf.load(STUDY))["report"],
+                                          "ablations": [{**ablation, "measure": measure}]}), ROOT)
+        report = Report(study, results, planned_runs(study), None)
+        return next(c for c in report.collapse_claims() if c["claim"] == "Ablation falls earlier")
+
+    final = row("final", runs)
+    assert final["verdict"] == "inconclusive" and "at update 3: fast minus slow = +0.000" in final["measured"]
+    over = row("over_updates", runs)
+    assert over["verdict"] == "held" and "averaged over the evaluations after 1, 2, 3 updates" in over["measured"]
+    d = float(over["measured"].split("fast minus slow = ")[1].split(";")[0])
+    assert d == pytest.approx(-2 / 3 * per_problem_accuracy(base).mean(), abs=5e-4)  # two of three evaluations at base level
+    runs["fast-seed1"].periodic.pop(2)
+    assert row("over_updates", runs)["verdict"] == "pending"
 
 
 def test_plan_is_base_then_seed_by_seed_and_best_arm_waits_for_results(tmp_path):

@@ -56,9 +56,16 @@ class ArmView:
         return ids, matrix.mean(axis=0)
 
     def per_seed(self, eval_set: str, value: str = "accuracy") -> list[tuple[list[str], np.ndarray]]:
-        """[(ids, (problems,))] per seed: per-problem accuracy, mean length or a behaviour count."""
+        """[(ids, (problems,))] per seed: per-problem accuracy, its mean over the run's evaluations
+        (``accuracy_over_updates``: periodic and final), mean length or a behaviour count."""
         rows = []
         for r in self.runs:
+            if value == "accuracy_over_updates":  # the held-out curve's mean: every evaluation of the run
+                evaluations = [*r.periodic.values(), r]
+                ids, matrix = align_problems([(e.problem_ids(eval_set), per_problem_accuracy(e.correct_matrix(eval_set)))
+                                              for e in evaluations])
+                rows.append((ids, matrix.mean(axis=0)))
+                continue
             if value == "accuracy":
                 v = per_problem_accuracy(r.correct_matrix(eval_set))
             elif value == "length":
@@ -476,11 +483,23 @@ class Report:
             if not (a and b):
                 add(claim, f"not yet run: needs the {ab['arm']} and {ab['against']} arms", "-", "pending")
                 continue
+            measure = ab.get("measure", "final")  # checked by load_study (spec.ABLATION_MEASURES)
             d, lo, hi, _ = _paired(a, b, self.primary, "accuracy", self.n_boot)
+            final = f"{key} at update {last}: {a.name} minus {b.name} = {d:+.3f}"
             steps = "; collapse steps " + ", ".join(
                 f"{arm.name} {_step_text((collapses.get(arm.name) or self.collapse(arm))['step'])}" for arm in (a, b))
-            add(claim, f"{key} at update {last}: {a.name} minus {b.name} = {d:+.3f}{steps}", f"[{lo:+.3f}, {hi:+.3f}]",
-                self._seeded(verdict(lo, hi, ab["expected"]), a, b))
+            if measure == "over_updates":
+                unevaluated = [r.run_id for r in a.runs + b.runs if sorted(r.periodic) != self.study.periodic_steps]
+                if unevaluated:
+                    add(claim, f"periodic evaluations missing for {', '.join(unevaluated)}", "-", "pending")
+                    continue
+                d, lo, hi, _ = _paired(a, b, self.primary, "accuracy_over_updates", self.n_boot)
+                over = ", ".join(map(str, self.eval_steps))
+                add(claim, f"{key} averaged over the evaluations after {over} updates: {a.name} minus {b.name} = "
+                    f"{d:+.3f}; {final}{steps}", f"[{lo:+.3f}, {hi:+.3f}] (averaged over updates)",
+                    self._seeded(verdict(lo, hi, ab["expected"]), a, b))
+            else:
+                add(claim, final + steps, f"[{lo:+.3f}, {hi:+.3f}]", self._seeded(verdict(lo, hi, ab["expected"]), a, b))
         return rows
 
     def periodic_tables(self) -> list[str]:

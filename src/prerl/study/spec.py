@@ -60,6 +60,9 @@ class Study:
 
 
 ROLES = ("grpo", "dsrl", "control", "prerl_variant")
+# report.ablations[].measure: the held-out accuracy after the last update, or its mean over every
+# evaluation of the run (periodic and final: earlier and deeper falls count, not only the end point)
+ABLATION_MEASURES = ("final", "over_updates")
 
 
 def load_study(path: str | Path, root: str | Path) -> Study:
@@ -101,6 +104,20 @@ def load_study(path: str | Path, root: str | Path) -> Study:
     every = periodic.get("every")
     if every is not None and not 1 <= int(every) < updates:
         raise ValueError(f"{where}: periodic_eval.every must be in [1, updates = {updates}), got {every}")
+    for i, ab in enumerate((raw.get("report") or {}).get("ablations") or []):
+        key = f"{where}: report.ablations[{i}]"
+        missing = [ab.get(k) for k in ("arm", "against") if ab.get(k) not in arms]
+        if missing:
+            raise ValueError(f"{key} names arms that are not defined: {missing}")
+        if not str(ab.get("claim") or "").strip():
+            raise ValueError(f"{key}.claim is missing: the sentence the report judges")
+        if ab.get("expected") not in ("<", ">"):
+            raise ValueError(f"{key}.expected must be '<' or '>', got {ab.get('expected')!r}")
+        measure = ab.get("measure", "final")
+        if measure not in ABLATION_MEASURES:
+            raise ValueError(f"{key}.measure must be one of {ABLATION_MEASURES}, got {measure!r}")
+        if measure == "over_updates" and every is None:
+            raise ValueError(f"{key}.measure over_updates needs periodic_eval.every")
     alignment = raw.get("alignment")
     return Study(
         name=str(raw.get("name") or path.stem),
