@@ -12,7 +12,8 @@ against estimated memory.
    4 prompts x 8 = 32 sequences per rollout. A short warm-up update, then one update per engine
    mode (``module.rollout.engine_options`` of the hf engine, swapped between updates):
      generate (none), refill, bf16 (sampling_weights=bfloat16), refill-bf16, static (static_cache),
-     compile (static cache + torch.compile; its first call compiles: not in the default list)
+     compile (static cache + torch.compile; its first call compiles: not in the default list; give it
+     twice, ``--modes generate,static,compile,compile``, and the second row is the compiled speed)
    Per mode: ms per decode step (the rollout's wall time minus its prefill forwards, over its
    one-token forwards), sampled tok/s, the memory-bound limit (bytes a bf16 decode step must read:
    block and head weights, NF4 blocks at 0.5 byte, plus the KV cache at the mean context; over the
@@ -243,11 +244,13 @@ class EngineModes(Callback):
         generate = pl_module.engine.generate
 
         def timed(*args, **kwargs):
+            graphs = dynamo_graphs()
             self.meter.start()
             try:
                 self.generation = generate(*args, **kwargs)
             finally:
                 self.meter.stop()
+                self.graphs = dynamo_graphs() - graphs
             return self.generation
 
         pl_module.engine.generate = timed
@@ -267,10 +270,19 @@ class EngineModes(Callback):
             "context_mean": self.prompt_width + float(lengths.mean()) / 2,
             "update_tflops": float(metrics["train/perf/update_tflops"]),
             "update_s": float(metrics["train/time/update_s"]),
+            "graphs_compiled": self.graphs,
         })
         self.meter = self.generation = None  # they hold the policy and the rollout's tensors
         if time.perf_counter() > self.deadline:
             trainer.should_stop = True
+
+
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a rollout's difference: its compiles
+    and recompiles; 0 when nothing runs compiled)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class ForwardMeter:
@@ -480,13 +492,14 @@ def print_settings(chip: dict, settings: list[dict]) -> None:
     print(f"\nchip: {chip['matmul']} {chip['matmul_tflops']:.1f} TFLOP/s; device copy {chip['copy_gb_per_s']:.1f} GB/s "
           "(read + write)")
     head = (f"{'setting':<16}{'mode':<22}{'seqs':>5}{'new tok':>8}{'ms/step':>9}{'tok/s':>9}{'bound ms':>9}"
-            f"{'of bound':>9}{'upd TFLOP/s':>12}{'of peak':>8}")
+            f"{'of bound':>9}{'upd TFLOP/s':>12}{'of peak':>8}{'graphs':>7}")
     print(head)
     for r in settings:
         for m in r["modes"]:
             print(f"{r['setting']:<16}{m['mode']:<22}{m['sequences']:>5}{m['new_tokens_max']:>8}"
                   f"{m['ms_per_decode_step']:>9.2f}{m['tokens_per_s']:>9.1f}{m['memory_bound_ms']:>9.3f}"
-                  f"{m['of_memory_bound']:>9.3f}{m['update_tflops']:>12.3f}{m['update_of_peak']:>8.3f}")
+                  f"{m['of_memory_bound']:>9.3f}{m['update_tflops']:>12.3f}{m['update_of_peak']:>8.3f}"
+                  f"{m['graphs_compiled']:>7}")
         if r["skipped_modes"]:
             print(f"{r['setting']:<16}skipped (--budget-s): {','.join(r['skipped_modes'])}")
         if r["update_token_budget"]:
@@ -495,7 +508,7 @@ def print_settings(chip: dict, settings: list[dict]) -> None:
     print("(ms/step: the rollout's wall time minus its prefill forwards, per one-token forward; bound ms: the bytes a "
           "bf16 decode step reads (weights, NF4 blocks at 0.5 byte, KV cache at the mean context) over the copy "
           "bandwidth; upd TFLOP/s: train/perf/update_tflops, model FLOPs over the update's wall time; of peak: over "
-          "the matmul above)")
+          "the matmul above; graphs: torch.compile graphs built during the rollout, compiles and recompiles)")
     print(f"\n{'setting':<16}{'measured GiB':>14}{'estimate GiB':>14}  estimated peak phase")
     for r in settings:
         measured = f"{r['peak_gpu_mem_gib']:.2f}" if r["peak_gpu_mem_gib"] is not None else "-"

@@ -108,10 +108,24 @@ def test_engine_modes_on_random_qwen3_folders(tmp_path):
             for key in ("ms_per_decode_step", "tokens_per_s", "memory_bound_ms", "of_memory_bound", "update_tflops",
                         "update_of_peak"):
                 assert 0 < m[key] < float("inf"), (key, m)
+            assert m["graphs_compiled"] == 0  # nothing runs compiled in these modes
     table = proc.stdout[proc.stdout.index("chip: fp32 matmul 256^3"):]
-    for header in ("ms/step", "tok/s", "of bound", "upd TFLOP/s", "of peak", "measured GiB", "estimate GiB"):
+    for header in ("ms/step", "tok/s", "of bound", "upd TFLOP/s", "of peak", "graphs", "measured GiB", "estimate GiB"):
         assert header in table
     assert "qwen3-4b-qlora  refill-bf16" in table and "skipped" not in table
+
+
+def test_graph_count_sees_a_compile_and_a_recompile_for_a_new_shape():
+    """The check's 'graphs' column: a first call compiles one graph, a repeat none, a new shape
+    (static shapes, as CUDA graphs need) one more."""
+    dynamo_graphs = _load_script().dynamo_graphs
+    torch._dynamo.reset()
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    counts = [dynamo_graphs()]
+    for shape in (3, 3, 5):
+        double(torch.ones(shape))
+        counts.append(dynamo_graphs())
+    assert [b - a for a, b in zip(counts, counts[1:])] == [1, 0, 1]
 
 
 def test_budget_guard_skips_what_would_start_late(tmp_path):
