@@ -63,6 +63,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 
+from prerl.device_memory import process_peak_gib, reset_process_peak  # noqa: E402
 from prerl.flops import ModelShape  # noqa: E402
 from prerl.models.params import unwrap_policy  # noqa: E402
 
@@ -375,7 +376,7 @@ def run_setting(setting: str, args, out: Path, peak_tflops: float, bandwidth: fl
     # the measuring callback, and train/perf/update_peak_frac in the run's own logs
     cfg = compose_train([*overrides, "+callbacks.engine_modes._target_=__main__.EngineModes",
                          f"+module.peak_tflops={peak_tflops:.1f}"])
-    _, seconds = _run(cfg, out, setting)
+    summary, seconds = _run(cfg, out, setting)
     from transformers import Qwen3Config
 
     shape = ModelShape.from_config(Qwen3Config(**fields))
@@ -391,7 +392,8 @@ def run_setting(setting: str, args, out: Path, peak_tflops: float, bandwidth: fl
             "update_token_budget": budget,
             "modes": rows, "skipped_modes": modes[max(len(rows) - 1, 0):],  # by --budget-s
             "peak_gpu_mem_gib": _peak_gib(), "estimate_gib": round(largest.peak_phase.total / GiB, 3),
-            "estimate_phase": largest.peak_phase.name}
+            "estimate_phase": largest.peak_phase.name,
+            "measured_phases_gib": measured_phases(summary), "estimate_groups_gib": estimated_phases(largest)}
 
 
 def preset_overrides(name: str, args) -> list[str]:
@@ -436,14 +438,39 @@ def _run(cfg, out: Path, label: str) -> tuple[dict, float]:
         cfg.paths.output_dir = str(out / label)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        reset_process_peak(torch.device("cuda", torch.cuda.current_device()))
     started = time.perf_counter()
     summary = train(cfg)
     return summary, time.perf_counter() - started
 
 
 def _peak_gib() -> float | None:
-    return round(torch.cuda.max_memory_allocated() / GiB, 3) if torch.cuda.is_available() else None
+    """The run's peak allocated GiB (model load included), across the module's per-phase resets."""
+    if not torch.cuda.is_available():
+        return None
+    return round(process_peak_gib(torch.device("cuda", torch.cuda.current_device())), 3)
+
+
+# The module's measured phases (prerl.device_memory) and the estimator's phases each one covers.
+PHASE_GROUPS = {"rollout": ("generation", "sampling copy"), "update": ("training", "scoring", "optimizer"),
+                "validation": ("validation",)}
+
+
+def measured_phases(summary: dict) -> dict[str, float | None]:
+    """GiB per phase group: the last update's rollout and update peaks (AdamW's states exist by
+    then, as the estimate assumes) and the final validation's; None where not measured (CPU)."""
+    train, val = summary.get("train_metrics", {}), summary.get("after", {})
+    return {"rollout": train.get("train/memory/rollout_peak_gib"), "update": train.get("train/memory/update_peak_gib"),
+            "validation": val.get("val/memory/peak_gib")}
+
+
+def estimated_phases(est) -> dict[str, float | None]:
+    """GiB per phase group: the estimate's largest phase in each (None: a phase the run has not)."""
+    out = {}
+    for group, prefixes in PHASE_GROUPS.items():
+        totals = [p.total for p in est.phases if p.short.startswith(prefixes)]
+        out[group] = round(max(totals) / GiB, 3) if totals else None
+    return out
 
 
 def run_path(path: str, args, out: Path) -> dict:
@@ -485,6 +512,7 @@ def run_preset(name: str, args, out: Path) -> dict:
         "estimate_gib": round(est.peak_phase.total / GiB, 3),  # without the assumed overhead
         "estimate_phase": est.peak_phase.name,
         "estimate_phases_gib": {p.name: round(p.total / GiB, 3) for p in est.phases},
+        "measured_phases_gib": measured_phases(summary), "estimate_groups_gib": estimated_phases(est),
     }
 
 
@@ -513,6 +541,18 @@ def print_settings(chip: dict, settings: list[dict]) -> None:
     for r in settings:
         measured = f"{r['peak_gpu_mem_gib']:.2f}" if r["peak_gpu_mem_gib"] is not None else "-"
         print(f"{r['setting']:<16}{measured:>14}{r['estimate_gib']:>14.2f}  {r['estimate_phase']}")
+
+
+def print_phase_peaks(rows: list[dict]) -> None:
+    """Measured next to estimated, per phase group: where the estimate misses, which phase."""
+    fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+    print(f"\n{'peak GiB by phase':<22}" + "".join(f"{g + ' meas/est':>22}" for g in PHASE_GROUPS))
+    for r in rows:
+        cells = [f"{fmt(r['measured_phases_gib'][g])} / {fmt(r['estimate_groups_gib'][g])}" for g in PHASE_GROUPS]
+        print(f"{r.get('setting') or r['preset']:<22}" + "".join(f"{c:>22}" for c in cells))
+    print("(measured: the module's train/memory/rollout_peak_gib and update_peak_gib at the last update, "
+          "val/memory/peak_gib; estimated: the largest estimator phase of each group: rollout = generation and "
+          "the sampling copy, update = scoring, training and the optimizer step)")
 
 
 # Distributions prerl needs that the lent GPU machines' image lacks (its list: /work/.library/device/KINDS.md).
@@ -633,7 +673,8 @@ def main(argv=None) -> dict:
             print(f"{r['preset']:<22}{r['updates']:>8}{r['final_phase']:>6}{r['seconds']:>9}{mem(r):>14}"
                   f"{r['estimate_gib']:>14.2f}  {r['estimate_phase']}")
     if settings or presets:
-        print("(measured: torch.cuda.max_memory_allocated over the whole run; estimate: the largest phase of "
+        print_phase_peaks(settings + presets)
+        print("(measured: torch.cuda.max_memory_allocated over the whole run, model load included; estimate: the largest phase of "
               "tools/memory_estimate.py for the same config, without its assumed 1.5 GiB allocator/context overhead)")
         for r in settings + presets:
             print(f"  {r.get('setting') or r['preset']}: python scripts/estimate_memory.py {shlex.join(r['overrides'])}")

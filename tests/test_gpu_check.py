@@ -101,6 +101,10 @@ def test_engine_modes_on_random_qwen3_folders(tmp_path):
         assert config["architectures"] == ["Qwen3ForCausalLM"] and config["vocab_size"] == 151936
         assert [m["mode"] for m in row["modes"]] == ["generate (warm-up)", "generate", "refill-bf16"]
         assert row["skipped_modes"] == [] and row["peak_gpu_mem_gib"] is None and row["estimate_gib"] > 0
+        assert set(row["measured_phases_gib"].values()) == {None}  # no peak counter on CPU
+        groups = row["estimate_groups_gib"]
+        assert 0 < groups["rollout"] <= row["estimate_gib"] and 0 < groups["update"] <= row["estimate_gib"]
+        assert row["estimate_gib"] in groups.values()  # the largest phase is in one of the groups
         budget = row["update_token_budget"]  # --update-budget largest (default): on CPU, the preset's declared GPU
         assert budget > 0 and f"module.update.max_tokens_per_micro_batch={budget}" in row["overrides"]
         for m in row["modes"]:
@@ -110,9 +114,28 @@ def test_engine_modes_on_random_qwen3_folders(tmp_path):
                 assert 0 < m[key] < float("inf"), (key, m)
             assert m["graphs_compiled"] == 0  # nothing runs compiled in these modes
     table = proc.stdout[proc.stdout.index("chip: fp32 matmul 256^3"):]
-    for header in ("ms/step", "tok/s", "of bound", "upd TFLOP/s", "of peak", "graphs", "measured GiB", "estimate GiB"):
+    for header in ("ms/step", "tok/s", "of bound", "upd TFLOP/s", "of peak", "graphs", "measured GiB", "estimate GiB",
+                   "peak GiB by phase", "rollout meas/est"):
         assert header in table
     assert "qwen3-4b-qlora  refill-bf16" in table and "skipped" not in table
+
+
+def test_phase_groups_pair_the_module_peaks_with_the_estimators_phases():
+    """Each estimator phase falls in exactly one measured group, and each group reads the module's key."""
+    gpu_check = _load_script()
+    from tools.estimate_config import estimate_run
+
+    est = estimate_run(gpu_check.compose_train(["experiment=dsrl_qwen3_1p7b_1gpu"])).estimate
+    groups = gpu_check.estimated_phases(est)
+    for phase in est.phases:
+        owners = [g for g, prefixes in gpu_check.PHASE_GROUPS.items() if phase.short.startswith(prefixes)]
+        assert len(owners) == 1, phase.short
+        assert phase.total / 2**30 <= groups[owners[0]] + 1e-3
+    update = [p.total for p in est.phases if p.short in ("training", "scoring", "optimizer")]
+    assert len(update) >= 2 and groups["update"] == round(max(update) / 2**30, 3)
+    summary = {"train_metrics": {"train/memory/rollout_peak_gib": 1.5, "train/memory/update_peak_gib": 2.5},
+               "after": {"val/memory/peak_gib": 0.5}}
+    assert gpu_check.measured_phases(summary) == {"rollout": 1.5, "update": 2.5, "validation": 0.5}
 
 
 def test_graph_count_sees_a_compile_and_a_recompile_for_a_new_shape():

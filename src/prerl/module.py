@@ -28,6 +28,7 @@ from torchmetrics import MeanMetric, SumMetric
 from prerl.algorithms import masked_mean
 from prerl.checkpointing import capture_rng_state, check_phases, restore_rng_state, rewind_to_previous_batch_end
 from prerl.config_fields import from_mapping
+from prerl.device_memory import PhasePeaks
 import prerl.console  # noqa: F401  (its import installs the filter of Lightning's tips)
 from prerl.engines import build_engine
 from prerl.metrics import engine_mismatch, pass_at_k, rollout_metrics, space_diagnostics
@@ -157,6 +158,7 @@ class PreRLModule(LightningModule):
         self._rng_at_batch_start: dict | None = None
         self._in_batch = False
         self._train_keys: set[str] = set()
+        self._memory: PhasePeaks | None = None
         self.last_samples: list[dict[str, Any]] = []
         self.last_rollout: Rollout | None = None  # the latest training rollout, for analysis callbacks
         self.val_accuracy = MeanMetric()
@@ -486,6 +488,13 @@ class PreRLModule(LightningModule):
         _, entropy = self.updater.score_no_grad(full, space.select(rollout, zeros, first_row), with_entropy=True)
         return entropy * full.response_mask
 
+    @property
+    def memory(self) -> PhasePeaks:
+        """The accelerator's peak memory per phase (nothing on CPU): prerl.device_memory."""
+        if self._memory is None or self._memory.device != self.device:
+            self._memory = PhasePeaks(self.device)
+        return self._memory
+
     @staticmethod
     def _every(n: int, step: int) -> bool:
         return bool(n) and step % n == 0
@@ -501,6 +510,7 @@ class PreRLModule(LightningModule):
 
     def on_validation_start(self) -> None:
         self._set_logging_step()
+        self.memory.lap()  # validation's peak is its own, not the step's before it
 
     # ---------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -514,11 +524,13 @@ class PreRLModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         started = time.perf_counter()
+        self.memory.lap()  # the peaks below are this step's own
         cfg = self.rollout_cfg
         rollout = self.sample(
             batch, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.generation_batch_size
         )
         sampled = time.perf_counter()
+        rollout_peak = self.memory.lap()
         metrics = rollout_metrics(rollout.rewards, rollout.group_size, rollout.response_mask, rollout.truncated)
         metrics["reward_timeouts"] = torch.tensor(float(rollout.reward_timeouts))
         metrics["reward_errors"] = torch.tensor(float(rollout.reward_errors))
@@ -549,6 +561,9 @@ class PreRLModule(LightningModule):
         metrics["time/rollout_s"] = torch.tensor(sampled - started)
         metrics["time/update_s"] = torch.tensor(finished - sampled)
         metrics["perf/sample_tokens_per_s"] = torch.tensor(float(rollout.response_mask.sum()) / max(sampled - started, 1e-9))
+        if self.memory.enabled:
+            metrics["memory/rollout_peak_gib"] = torch.tensor(rollout_peak)
+            metrics["memory/update_peak_gib"] = torch.tensor(self.memory.lap())
         self._log_train(metrics, batch["prompt_ids"].shape[0])
         self._in_batch = False
 
@@ -613,6 +628,8 @@ class PreRLModule(LightningModule):
             entropy = self._response_entropy(rollout)
             self.val_entropy.update(entropy.sum() / tokens.clamp(min=1), weight=tokens)
             self.log("val/entropy", self.val_entropy, **kwargs)
+        if self.memory.enabled:
+            self.log("val/memory/peak_gib", self.memory.lap(), reduce_fx="max", **kwargs)
         self.log(f"val/avg@{k}", self.val_accuracy, prog_bar=True, **kwargs)
         self.log(f"val/pass@{k}", self.val_pass, **kwargs)
         self.log("val/rare_solutions", self.val_rare, **kwargs)
