@@ -3,7 +3,9 @@ model shapes, in one call (under 8 minutes on one H200; ``--budget-s`` stops ear
 against estimated memory.
 
 1. Chip: a bf16 matmul (8192^3; the update's TFLOP/s are compared with it) and a large
-   device-to-device copy (bytes read + written per second; the decode steps' limit).
+   device-to-device copy (bytes read + written per second; the decode steps' limit); and the peak
+   bytes per logit element of every log-prob path (tools/logits_bytes.py; vocabulary 151,936,
+   1,024-token chunks on a GPU) next to the estimator's constants, which were measured on CPU.
 2. Settings, each one ``train()`` of the project on a random-initialised Qwen3 folder at the real
    shapes (vocab 151936; config written here, weights random, the byte-level ChatML tokenizer: no
    download), with the preset's training regime, ``reward=random`` and long random prompts:
@@ -69,6 +71,7 @@ from prerl.models.params import unwrap_policy  # noqa: E402
 
 from prerl.train import train  # noqa: E402
 from tools.estimate_config import estimate_run  # noqa: E402
+from tools.logits_bytes import measure_all as logits_bytes  # noqa: E402
 from tools.memory_estimate import GiB, max_micro_batch_tokens  # noqa: E402
 
 GPU_PRESETS = ("dsrl_qwen3_4b", "qlora_qwen3_4b_24gb", "dsrl_qwen3_1p7b_1gpu")
@@ -543,6 +546,15 @@ def print_settings(chip: dict, settings: list[dict]) -> None:
         print(f"{r['setting']:<16}{measured:>14}{r['estimate_gib']:>14.2f}  {r['estimate_phase']}")
 
 
+def print_logits_bytes(rows: list[dict]) -> None:
+    print(f"\n{'log-prob path':<28}{'bytes/logit':>12}{'estimator':>10}{'ratio':>7}")
+    for r in rows:
+        print(f"{r['name']:<28}{r['measured']:>12.2f}{r['constant']:>10}{r['ratio']:>7.3f}")
+    print("(peak allocated bytes per logit element while the path runs, tools/logits_bytes.py; estimator: the "
+          "LOGITS_* constants of tools/memory_estimate.py, measured on CPU. A ratio above 1 on a GPU is memory the "
+          "estimate misses in the scoring and training phases)")
+
+
 def print_phase_peaks(rows: list[dict]) -> None:
     """Measured next to estimated, per phase group: where the estimate misses, which phase."""
     fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
@@ -638,7 +650,9 @@ def main(argv=None) -> dict:
     gpu = args.device == "gpu"
     n = args.matmul_n if gpu else min(args.matmul_n, 256)
     chip = {"matmul": f"{'bf16' if gpu else 'fp32'} matmul {n}^3", "matmul_tflops": matmul_tflops(args.device, n),
-            "copy_gb_per_s": copy_bandwidth(args.device, 2 * 2**30 if gpu else 64 * 2**20) / 1e9}
+            "copy_gb_per_s": copy_bandwidth(args.device, 2 * 2**30 if gpu else 64 * 2**20) / 1e9,
+            "logits_bytes": logits_bytes(torch.device("cuda" if gpu else "cpu"), *((151936, 1024) if gpu else ()))}
+    print_logits_bytes(chip["logits_bytes"])
     args.out.mkdir(parents=True, exist_ok=True)
     settings, paths, presets, skipped, failed = [], [], [], [], []
     result = {"chip": chip, "settings": settings, "paths": paths, "presets": presets, "skipped": skipped,

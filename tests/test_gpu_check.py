@@ -95,6 +95,9 @@ def test_engine_modes_on_random_qwen3_folders(tmp_path):
     assert [r["preset"] for r in result["failed"]] == ["no_such_preset"] and "FAILED" in proc.stdout
     chip = result["chip"]
     assert chip["matmul_tflops"] > 0 and chip["copy_gb_per_s"] > 0
+    # the log-prob paths' bytes per logit: on CPU the estimator's own constants, measured the same way
+    assert len(chip["logits_bytes"]) == 8 and all(0.95 <= r["ratio"] <= 1.05 for r in chip["logits_bytes"])
+    assert "chunked train + entropy" in proc.stdout and "bytes/logit" in proc.stdout
     assert [r["setting"] for r in result["settings"]] == ["qwen3-1.7b", "qwen3-4b-qlora"]
     for row in result["settings"]:
         config = json.loads((Path(row["folder"]) / "config.json").read_text())

@@ -28,19 +28,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.estimate_config import TINY_VOCAB, estimate_run, geometry_from_model_config, setup_from_config
+from tools.estimate_config import (
+    TINY_VOCAB,
+    estimate_run,
+    geometry_from_model_config,
+    setup_from_config,
+)
 from tools.estimate_config import compose_config as _compose
+from tools.logits_bytes import CASES as LOGITS_CASES
+from tools.logits_bytes import cpu_peak_and_end
+from tools.logits_bytes import measure as measure_logits
 from tools.memory_estimate import (
-    GiB,
-    LOGITS_CHUNKED_SCORING_BYTES_PER_ELEMENT,
-    LOGITS_CHUNKED_SCORING_ENTROPY_BYTES_PER_ELEMENT,
-    LOGITS_CHUNKED_TRAIN_BYTES_PER_ELEMENT,
-    LOGITS_SCORING_BYTES_PER_ELEMENT,
-    LOGITS_SCORING_ENTROPY_BYTES_PER_ELEMENT,
-    LOGITS_TRAIN_BYTES_PER_ELEMENT,
-    LOGITS_TRAIN_ENTROPY_BYTES_PER_ELEMENT,
     MODEL_PRESETS,
     ActivationMode,
+    GiB,
     TrainingSetup,
     activation_mode,
     estimate_memory,
@@ -340,77 +341,23 @@ def test_activation_modes_of_presets():
 def _cpu_peak(fn, with_end: bool = False):
     """Peak of the CPU allocator's live bytes while ``fn`` runs, relative to its start (and the
     bytes still live at its end)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
+    peak, live = cpu_peak_and_end(fn)
     return (peak, live) if with_end else peak
 
 
-@pytest.mark.parametrize("train,entropy,expected", [
-    (True, False, LOGITS_TRAIN_BYTES_PER_ELEMENT),
-    (True, True, LOGITS_TRAIN_ENTROPY_BYTES_PER_ELEMENT),
-    (False, False, LOGITS_SCORING_BYTES_PER_ELEMENT),
-    (False, True, LOGITS_SCORING_ENTROPY_BYTES_PER_ELEMENT),
-])
-def test_logits_bytes_per_element_measured(train, entropy, expected):
+@pytest.mark.parametrize("case", [c for c in LOGITS_CASES if not c.chunked], ids=lambda c: c.name)
+def test_logits_bytes_per_element_measured(case):
     """Plain path: the whole (M, T, V) bf16 logits through token_logprobs / entropy_from_logits."""
-    from prerl.algorithms import entropy_from_logits, token_logprobs
-
-    V, M, T, h = 16384, 2, 64, 32
-    W = torch.randn(V, h, dtype=torch.bfloat16, requires_grad=train)
-    x = torch.randn(M, T, h, dtype=torch.bfloat16, requires_grad=train)
-    labels = torch.randint(0, V, (M, T))
-
-    def run():
-        with torch.set_grad_enabled(train):
-            logits = x @ W.t()  # the lm head, bf16 out
-            out = token_logprobs(logits, labels).sum()
-            if entropy:
-                out = out + entropy_from_logits(logits).sum()
-            del logits
-            if train:
-                out.backward()
-
-    per_element = _cpu_peak(run) / (M * T * V)
-    assert per_element == pytest.approx(expected, rel=0.05)
+    assert measure_logits(case, torch.device("cpu")) == pytest.approx(case.constant, rel=0.05)
 
 
-@pytest.mark.parametrize("train,entropy,expected", [
-    (True, False, LOGITS_CHUNKED_TRAIN_BYTES_PER_ELEMENT),
-    (True, True, LOGITS_CHUNKED_TRAIN_BYTES_PER_ELEMENT),
-    (False, False, LOGITS_CHUNKED_SCORING_BYTES_PER_ELEMENT),
-    (False, True, LOGITS_CHUNKED_SCORING_ENTROPY_BYTES_PER_ELEMENT),
-])
-def test_chunked_logits_bytes_per_element_measured(train, entropy, expected):
+@pytest.mark.parametrize("case", [c for c in LOGITS_CASES if c.chunked], ids=lambda c: c.name)
+def test_chunked_logits_bytes_per_element_measured(case):
     """Chunked path (``chunked_token_logprobs``, each chunk checkpointed): the peak is one chunk of
     C x V elements, not M x T x V, whatever M x T is (here 4 chunks, then 8)."""
-    from prerl.algorithms import chunked_token_logprobs
-
-    V, M, h, C = 8192, 2, 16, 128
-    per_element = []
-    for T in (256, 512):
-        W = torch.randn(V, h, dtype=torch.bfloat16, requires_grad=train)
-        x = torch.randn(M, T, h, dtype=torch.bfloat16, requires_grad=train)
-        labels = torch.randint(0, V, (M, T))
-        mask = torch.ones(M, T, dtype=torch.long)
-
-        def run():
-            with torch.set_grad_enabled(train):
-                logprobs, ent = chunked_token_logprobs(x, W, labels, mask, chunk_tokens=C, with_entropy=entropy)
-                if train:
-                    (logprobs.sum() + (ent.sum() if entropy else 0)).backward()
-
-        per_element.append(_cpu_peak(run) / (C * V))
-    # Doubling the response tokens adds only the small (M, T, h) copies: the chunk sets the peak.
-    assert per_element[0] == pytest.approx(expected, rel=0.05)
-    assert per_element[1] == pytest.approx(expected, rel=0.05)
+    for tokens in (256, 512):
+        # Doubling the response tokens adds only the small (M, T, h) copies: the chunk sets the peak.
+        assert measure_logits(case, torch.device("cpu"), tokens=tokens) == pytest.approx(case.constant, rel=0.05)
 
 
 @pytest.mark.parametrize("vocab,prompt,response,checkpointing,chunk", [
@@ -448,6 +395,50 @@ def test_micro_batch_peak_within_stated_factor(vocab, prompt, response, checkpoi
                           logprob_chunk_tokens=chunk, scoring=None, overhead_gib=0)
     train = estimate_memory({"model_type": "qwen3", **kw, "num_hidden_layers": 4}, setup).phase("training")
     dynamic = sum(b for label, b in train.items if not label.startswith(("weights", "gradients", "AdamW")))
+    assert 0.95 <= dynamic / measured <= 1.25, (dynamic, measured)
+
+
+@pytest.mark.parametrize("vocab,prompt,response,checkpointing,chunk", [
+    (512, 64, 192, False, None),    # activations dominate
+    (512, 64, 192, True, None),     # checkpointed, as the QLoRA preset
+    (8192, 32, 96, True, 64),       # logits dominate, chunked
+])
+def test_qlora_micro_batch_peak_within_stated_factor(vocab, prompt, response, checkpointing, chunk):
+    """The same for QLoRA: NF4 base (bitsandbytes, double quantisation) with peft LoRA r = 8 on every
+    Linear, under bf16 autocast as Lightning's bf16-mixed runs it; the dynamic items (dequantisation
+    buffer, adapter casts, activations, logits) against the allocator's peak."""
+    from peft import LoraConfig, get_peft_model
+
+    from prerl.scoring import score_responses
+
+    M, r = 2, 8
+    kw = {**TINY, "num_hidden_layers": 4, "vocab_size": vocab, "tie_word_embeddings": True}
+    model = _quantize_nf4(_build("qwen3", torch.bfloat16, **kw))
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    model.train()
+    if checkpointing:
+        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pid = torch.randint(0, vocab, (M, prompt))
+    pmask = torch.ones(M, prompt, dtype=torch.long)
+    pmask[0, :4] = 0
+    rid = torch.randint(0, vocab, (M, response))
+    rmask = torch.ones(M, response, dtype=torch.long)
+    rmask[1, -10:] = 0
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            logprobs, _ = score_responses(model, pid, pmask, rid, rmask, chunk_tokens=chunk)
+        (-(logprobs * rmask).sum()).backward()
+
+    step()  # allocate the adapters' gradients
+    measured = _cpu_peak(step)
+    setup = TrainingSetup(preset="qlora", dtype="bf16", autocast=True, lora_r=r, prompt_len=prompt,
+                          response_len=response, prompts_per_step=1, group_size=M, micro_batch=M,
+                          gradient_checkpointing=checkpointing, logprob_chunk_tokens=chunk, scoring=None,
+                          overhead_gib=0)
+    train = estimate_memory({"model_type": "qwen3", **kw}, setup).phase("training")
+    static = ("base Linear", "embeddings", "LoRA adapters", "LoRA gradients", "LoRA AdamW")
+    dynamic = sum(b for label, b in train.items if not label.startswith(static))
     assert 0.95 <= dynamic / measured <= 1.25, (dynamic, measured)
 
 
@@ -705,7 +696,11 @@ def test_cli_verdicts(capsys):
 def test_largest_micro_batch_token_budget_is_the_edge_of_fitting():
     """max_micro_batch_tokens: at the returned budget the training and scoring phases fit, one step
     more and they do not; the whole batch on a huge card; 0 where one row does not fit."""
-    from tools.memory_estimate import TOKEN_BUDGET_STEP, format_report, max_micro_batch_tokens
+    from tools.memory_estimate import (
+        TOKEN_BUDGET_STEP,
+        format_report,
+        max_micro_batch_tokens,
+    )
 
     setup = TrainingSetup(preset="full", dtype="fp32", autocast=True, prompts_per_step=8, group_size=8,
                           response_len=4096, prompt_len=512, gradient_checkpointing=True, logprob_chunk_tokens=1024)
