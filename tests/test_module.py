@@ -245,6 +245,21 @@ def test_persistent_lack_of_signal_stops_with_clear_error():
     assert module.no_signal_total == 3 and module.global_step == 0
 
 
+def test_no_signal_limit_null_lets_a_collapsed_policy_reach_the_planned_step():
+    """A study arm that collapses to all-wrong keeps making zero-gradient updates to N (null limit);
+    the same run with a limit stops there; null with no_signal=skip (a run that might never end)
+    and a limit below 1 are refused at construction."""
+    module = make_module(ConditionalRL(), reward=PatternReward((0,)), max_consecutive_no_signal=None)
+    trainer, _ = _fit(module, max_steps=5)
+    assert trainer.global_step == 5 and module.no_signal_total == 5
+    limited = make_module(ConditionalRL(), reward=PatternReward((0,)), max_consecutive_no_signal=4)
+    with pytest.raises(module_lib.NoLearningSignalError, match="4 consecutive batches"):
+        _fit(limited, max_steps=5)
+    for value, no_signal in ((None, "skip"), (0, "step")):
+        with pytest.raises(ValueError, match=rf"module.max_consecutive_no_signal={value!r} is not allowed"):
+            make_module(ConditionalRL(), max_consecutive_no_signal=value, no_signal=no_signal)
+
+
 def test_validate_fit_with_validation_validate():
     """Metric states created by a validate() before fit() stay usable in fit's own validation."""
     module = make_module(ConditionalRL(), reward=PatternReward((1, 0)))

@@ -82,6 +82,8 @@ class PreRLModule(LightningModule):
         max_consecutive_no_signal: stop after this many batches in a row without learning
             signal: the reward never fires or the task is too hard or too easy (with
             ``no_signal="skip"`` a task the policy never solves would otherwise loop forever).
+            None: never stop (with ``no_signal="step"`` only): a study whose policy may collapse
+            to all-wrong keeps making its zero-gradient updates to the planned step.
         num_text_samples: responses kept from each rollout for the text-sample logger (the whole
             latest rollout is ``last_rollout``, for analysis callbacks).
         peak_tflops: the device's measured bf16 matmul TFLOP/s (scripts/gpu_check.py prints it); when
@@ -107,7 +109,7 @@ class PreRLModule(LightningModule):
         diagnostics_every_n_steps: int = 1,
         cross_space_diagnostics_every_n_steps: int = 0,
         max_consecutive_nonfinite: int = 3,
-        max_consecutive_no_signal: int = 50,
+        max_consecutive_no_signal: int | None = 50,
         num_text_samples: int = 4,
         peak_tflops: float | None = None,
     ):
@@ -123,6 +125,11 @@ class PreRLModule(LightningModule):
         self.update_cfg = from_mapping(UpdateConfig, update, "module.update")
         self.val_cfg = from_mapping(ValidationConfig, validation, "module.validation")
         require(no_signal in NO_SIGNAL_MODES, "module.no_signal", no_signal, f"one of {NO_SIGNAL_MODES}")
+        require(max_consecutive_no_signal is None or max_consecutive_no_signal >= 1, "module.max_consecutive_no_signal",
+                max_consecutive_no_signal, "an integer >= 1, or null (never stop)")
+        require(max_consecutive_no_signal is not None or no_signal == "step", "module.max_consecutive_no_signal",
+                max_consecutive_no_signal, "a limit with module.no_signal=skip: a skipped batch makes no update, so a "
+                "run without signal would never end")
         for phase in self.phases:
             for term_objective, _ in phase:
                 require(
@@ -583,7 +590,7 @@ class PreRLModule(LightningModule):
         self.consecutive_no_signal += 1
         outcome = "zero-gradient update" if self.no_signal == "step" else "update skipped"
         log.info("step %d: no learning signal in this batch; %s", self.global_step, outcome)
-        if self.consecutive_no_signal >= self.max_consecutive_no_signal:
+        if self.max_consecutive_no_signal is not None and self.consecutive_no_signal >= self.max_consecutive_no_signal:
             raise NoLearningSignalError(
                 f"{self.consecutive_no_signal} consecutive batches had no learning signal (every group "
                 f"all-right or all-wrong for the active objective) at step {self.global_step}. The task "
