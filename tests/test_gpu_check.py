@@ -141,6 +141,18 @@ def test_phase_groups_pair_the_module_peaks_with_the_estimators_phases():
     assert gpu_check.measured_phases(summary) == {"rollout": 1.5, "update": 2.5, "validation": 0.5}
 
 
+def test_a_failing_logits_measurement_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch):
+    gpu_check = _load_script()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(gpu_check, "logits_bytes", broken)
+    result = gpu_check.main(["--device", "cpu", "--model", "tiny", "--settings", "", "--out", str(tmp_path)])
+    assert result["chip"]["logits_bytes_error"] == "RuntimeError: no such kernel"
+    assert result["chip"]["matmul_tflops"] > 0 and (tmp_path / "gpu_check.json").exists()
+
+
 def test_graph_count_sees_a_compile_and_a_recompile_for_a_new_shape():
     """The check's 'graphs' column: a first call compiles one graph, a repeat none, a new shape
     (static shapes, as CUDA graphs need) one more."""
