@@ -21,10 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # tools/
 
 import torch  # noqa: E402
 
 from prerl.scoring import score_responses  # noqa: E402
+from tools.logits_bytes import peak_bytes  # noqa: E402
 
 
 def build(model: str, device: str, checkpointing: bool):
@@ -38,28 +40,6 @@ def build(model: str, device: str, checkpointing: bool):
         spec = SmolLM2Spec(cache_dir=str(ROOT / "data" / "models" / "smollm2-135m-instruct"),
                            gradient_checkpointing=checkpointing)
     return spec.build_model().train().to(device)
-
-
-def peak_bytes(fn, device: str) -> int:
-    """Largest live allocation above the starting point while ``fn`` runs."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def main(argv=None) -> dict:
@@ -98,7 +78,7 @@ def main(argv=None) -> dict:
         step()  # timed on its own: the CPU profiler slows every op
         seconds = time.perf_counter() - started
         model.zero_grad(set_to_none=True)
-        peak = peak_bytes(step, device)
+        peak = peak_bytes(step, torch.device(device))
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         results[name] = {"peak": peak, "seconds": seconds, "logprobs": out["logprobs"], "grads": grads}
 

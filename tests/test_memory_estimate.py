@@ -360,6 +360,27 @@ def test_chunked_logits_bytes_per_element_measured(case):
         assert measure_logits(case, torch.device("cpu"), tokens=tokens) == pytest.approx(case.constant, rel=0.05)
 
 
+def _steady_micro_batch_peak(model, vocab: int, prompt: int, response: int, chunk, autocast: bool, M: int = 2) -> int:
+    """CPU peak of one forward+backward of M rows through ``score_responses``, in steady state
+    (a first step allocates the gradients), optionally under bf16 autocast as Lightning runs it."""
+    from prerl.scoring import score_responses
+
+    pid = torch.randint(0, vocab, (M, prompt))
+    pmask = torch.ones(M, prompt, dtype=torch.long)
+    pmask[0, :4] = 0
+    rid = torch.randint(0, vocab, (M, response))
+    rmask = torch.ones(M, response, dtype=torch.long)
+    rmask[1, -10:] = 0
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+            logprobs, _ = score_responses(model, pid, pmask, rid, rmask, chunk_tokens=chunk)
+        (-(logprobs * rmask).sum()).backward()
+
+    step()
+    return _cpu_peak(step)
+
+
 @pytest.mark.parametrize("vocab,prompt,response,checkpointing,chunk", [
     (512, 64, 192, False, None),    # activations dominate
     (512, 64, 192, True, None),     # checkpointed: layer inputs + one layer recomputed
@@ -370,26 +391,12 @@ def test_micro_batch_peak_within_stated_factor(vocab, prompt, response, checkpoi
     """Whole forward+backward of one micro-batch through ``prerl.scoring.score_responses`` (tiny
     Qwen3, bf16, 4 layers), steady state (gradients already allocated, as from the second
     micro-batch on). Stated factor: estimate / measured in [0.95, 1.25]."""
-    from prerl.scoring import score_responses
-
     M = 2
     kw = {**TINY, "num_hidden_layers": 4, "vocab_size": vocab, "tie_word_embeddings": True}
     model = _build("qwen3", torch.bfloat16, **kw).train()
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    pid = torch.randint(0, vocab, (M, prompt))
-    pmask = torch.ones(M, prompt, dtype=torch.long)
-    pmask[0, :4] = 0
-    rid = torch.randint(0, vocab, (M, response))
-    rmask = torch.ones(M, response, dtype=torch.long)
-    rmask[1, -10:] = 0
-
-    def step():
-        logprobs, _ = score_responses(model, pid, pmask, rid, rmask, chunk_tokens=chunk)
-        (-(logprobs * rmask).sum()).backward()
-
-    step()  # allocate the gradients
-    measured = _cpu_peak(step)
+    measured = _steady_micro_batch_peak(model, vocab, prompt, response, chunk, autocast=False, M=M)
     setup = TrainingSetup(preset="full", dtype="bf16", autocast=False, prompt_len=prompt, response_len=response,
                           prompts_per_step=1, group_size=M, micro_batch=M, gradient_checkpointing=checkpointing,
                           logprob_chunk_tokens=chunk, scoring=None, overhead_gib=0)
@@ -409,8 +416,6 @@ def test_qlora_micro_batch_peak_within_stated_factor(vocab, prompt, response, ch
     buffer, adapter casts, activations, logits) against the allocator's peak."""
     from peft import LoraConfig, get_peft_model
 
-    from prerl.scoring import score_responses
-
     M, r = 2, 8
     kw = {**TINY, "num_hidden_layers": 4, "vocab_size": vocab, "tie_word_embeddings": True}
     model = _quantize_nf4(_build("qwen3", torch.bfloat16, **kw))
@@ -418,20 +423,7 @@ def test_qlora_micro_batch_peak_within_stated_factor(vocab, prompt, response, ch
     model.train()
     if checkpointing:
         model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    pid = torch.randint(0, vocab, (M, prompt))
-    pmask = torch.ones(M, prompt, dtype=torch.long)
-    pmask[0, :4] = 0
-    rid = torch.randint(0, vocab, (M, response))
-    rmask = torch.ones(M, response, dtype=torch.long)
-    rmask[1, -10:] = 0
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
-            logprobs, _ = score_responses(model, pid, pmask, rid, rmask, chunk_tokens=chunk)
-        (-(logprobs * rmask).sum()).backward()
-
-    step()  # allocate the adapters' gradients
-    measured = _cpu_peak(step)
+    measured = _steady_micro_batch_peak(model, vocab, prompt, response, chunk, autocast=True, M=M)
     setup = TrainingSetup(preset="qlora", dtype="bf16", autocast=True, lora_r=r, prompt_len=prompt,
                           response_len=response, prompts_per_step=1, group_size=M, micro_batch=M,
                           gradient_checkpointing=checkpointing, logprob_chunk_tokens=chunk, scoring=None,
