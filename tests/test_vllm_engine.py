@@ -124,6 +124,16 @@ def test_building_vllm_without_vllm_is_a_clear_install_error(tiny_tokenizer):
         build_engine("vllm", policy=lambda: policy, tokenizer=tiny_tokenizer, synced_gpus=lambda: False)
 
 
+def test_vllm_refuses_refill_false_before_it_needs_vllm(tiny_tokenizer):
+    # refill: true (the main job's hf option) is what vLLM always does; false cannot be honoured.
+    policy = TinyModelSpec().build_model()
+    with pytest.raises(ValueError, match="vLLM always refills"):
+        build_engine("vllm", policy=lambda: policy, tokenizer=tiny_tokenizer, refill=False)
+    if not HAVE_VLLM:  # refill: true gets past the option check to the install error
+        with pytest.raises(ImportError, match="needs the 'vllm' package"):
+            build_engine("vllm", policy=lambda: policy, tokenizer=tiny_tokenizer, refill=True)
+
+
 def test_only_the_rotary_reload_warning_of_a_weight_sync_is_dropped():
     import logging
 

@@ -363,7 +363,9 @@ class VLLMEngine:
         policy: a callable returning the current policy (it may be re-wrapped, e.g. by FSDP).
         tokenizer: gives the pad id and, with the policy's generation config, the end ids.
         synced_gpus: unused (each rank's engine generates independently).
-        **options: ``module.rollout.engine_options``.
+        **options: ``module.rollout.engine_options``. ``refill: true`` is accepted (and ``false``
+            refused): vLLM's scheduler always lets a finished request leave and the next take
+            its place (continuous batching), which is what the hf engine's ``refill`` does.
     """
 
     def __init__(self, policy: Callable[[], torch.nn.Module], tokenizer, synced_gpus: Callable[[], bool] = lambda: False,
@@ -372,6 +374,10 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self._synced_gpus = synced_gpus
         options = dict(options)
+        # An experiment that sets the hf engine's refill (the main job) still runs with engine=vllm.
+        if not options.pop("refill", True):
+            raise ValueError("module.rollout.engine_options.refill=false: vLLM always refills finished rows "
+                             "(continuous batching); drop the option or use module.rollout.engine=hf")
         self.vllm = import_vllm()
         from vllm.platforms import current_platform
 
