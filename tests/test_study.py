@@ -455,6 +455,17 @@ def test_run_one_names_the_log_when_training_fails(tmp_path):
         run_one(study, Run("grpo", 0))
 
 
+def test_a_run_stopped_for_lack_of_signal_names_the_setting_that_lets_it_finish(tmp_path):
+    # reward p=0: every group all-wrong, GRPO has no signal; the limit of 2 stops the run at step 2.
+    overrides = ["experiment=smoke", "reward=random", "reward.p=0", "module.max_consecutive_no_signal=2"]
+    study = load_study(_write(tmp_path, train_overrides=overrides), ROOT)
+    with pytest.raises(RuntimeError, match=r"collapsed arm.*module\.max_consecutive_no_signal=null"):
+        run_one(study, Run("grpo", 0))
+    study = load_study(_write(tmp_path, train_overrides=[*overrides[:-1], "module.max_consecutive_no_signal=null"]),
+                       ROOT)
+    run_one(study, Run("grpo", 0))  # the same arm with the null limit trains to N (and is evaluated)
+
+
 def test_committed_reproduction_report_is_generated_from_the_committed_results(tmp_path):
     """docs/reproduction.md is exactly what `scripts/study.py report` writes from results/miniature
     (apart from the generation date): no number in it was typed in or left stale."""

@@ -112,11 +112,20 @@ def _train(study: Study, run: Run) -> Path:
     out = folder / f"train-{len(attempts) + 1}"
     log.info("%s: training in %s%s", run.id, out, f" (continuing {resume})" if resume else "")
     code = _call(train_command(study, run, out, resume), folder / "train.out", study)
-    status = (_json(out / "summary.json") or {}).get("status")
-    if code != 0 or status != "completed":
-        raise StageFailed(f"{run.id}: training ended with exit code {code}, status {status}; "
-                          f"see {folder / 'train.out'} (the next start continues it)")
+    summary = _json(out / "summary.json") or {}
+    if code != 0 or summary.get("status") != "completed":
+        raise StageFailed(f"{run.id}: training ended with exit code {code}, status {summary.get('status')}; "
+                          f"see {folder / 'train.out'} ({_next_start(summary)})")
     return out
+
+
+def _next_start(summary: dict) -> str:
+    """What starting the study again does for a run whose training stopped with this summary."""
+    if str(summary.get("error", "")).startswith("NoLearningSignalError"):
+        # The count of batches without signal is checkpointed: a restart stops again at the next one.
+        return ("a collapsed arm: the next start stops again at once; to train it to the planned update, add "
+                "module.max_consecutive_no_signal=null to the study's train_overrides and start again")
+    return "the next start continues it"
 
 
 def eval_command(study: Study, ckpt: Path | None, out: Path, resume: bool, extra: tuple[str, ...] = ()) -> list[str]:
