@@ -24,8 +24,13 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from prerl.padding import trim_left_padding
+
+# transformers 5.20 renamed ``past_key_values`` to ``cache`` (forward argument and output); vLLM's
+# environment (scripts/setup_vllm.sh) pins transformers < 5.20.
+_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def sampling_warpers(temperature: float, top_p: float, top_k: int) -> LogitsProcessorList:
@@ -128,7 +133,7 @@ def refill_generate(
             # generate's position ids: padding at 0, the prompt at 0..n-1
             positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 0)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-            joining = _Batch(newcomers, out.cache, mask, positions[:, -1] + 1, out.logits[:, -1].float())
+            joining = _Batch(newcomers, out[_CACHE], mask, positions[:, -1] + 1, out.logits[:, -1].float())
             if batch is None:
                 batch = joining
             else:
@@ -150,7 +155,7 @@ def refill_generate(
                 continue
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         out = model(input_ids=next_tokens[:, None], attention_mask=batch.mask, position_ids=batch.positions[:, None],
-                    cache=batch.cache, use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **{_CACHE: batch.cache})
         batch.logits = out.logits[:, -1].float()
         batch.positions = batch.positions + 1
     return tokens, logprobs
