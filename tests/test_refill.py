@@ -1,6 +1,8 @@
 """The hf engine with refilled rows (``engine_options.refill``, prerl.engines.refill): the same
 sampling as ``generate``, and rows that ended stop being decoded."""
 
+import logging
+
 import pytest
 import torch
 
@@ -74,3 +76,21 @@ def test_sampled_tokens_have_the_policys_logprobs_and_finished_rows_stop_costing
     torch.testing.assert_close(right_pad(logprobs, 0.0, torch.float32), reference, atol=2e-5, rtol=1e-5)
     torch.manual_seed(0)
     assert refill_generate(policy, ids, mask, G, T, 0.7, 1.0, 0, eos, max_rows)[0] == tokens
+
+
+def test_refill_under_sharding_samples_with_generate_and_says_so_once(tiny_tokenizer, monkeypatch, caplog):
+    """Sharded ranks must decode in step, which refill cannot do: the engine samples with generate
+    (greedy tokens equal) and logs that once, instead of dropping the option silently."""
+    import prerl.engines.hf as hf
+
+    real = hf.generate  # one process here: generate's synced_gpus would need a process group
+    monkeypatch.setattr(hf, "generate", lambda *args, **kwargs: real(*args, **{**kwargs, "synced_gpus": False}))
+    policy = tiny_spec().build_model()
+    ids, mask = _prompts(tiny_tokenizer, 3)
+    sharded = build_engine("hf", policy=lambda: policy, tokenizer=tiny_tokenizer, refill=True, synced_gpus=lambda: True)
+    plain = build_engine("hf", policy=lambda: policy, tokenizer=tiny_tokenizer)
+    with caplog.at_level(logging.WARNING, logger="prerl.engines.hf"):
+        outs = [sharded.generate(ids, mask, 2, 6, 0.0, 1.0, 0) for _ in range(2)]
+    assert caplog.text.count("refill is off") == 1
+    expected = plain.generate(ids, mask, 2, 6, 0.0, 1.0, 0).response_ids
+    assert all(torch.equal(out.response_ids, expected) for out in outs)

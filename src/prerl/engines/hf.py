@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable
 
 import torch
@@ -13,6 +14,8 @@ from prerl.engines.sampling_weights import SAMPLING_WEIGHTS, sampling_view
 from prerl.fsdp import generation_model
 from prerl.padding import cat_right_padded, grouped_rows, responses_from_lists, trim_left_padding
 from prerl.rollout import eos_ids, generate
+
+log = logging.getLogger(__name__)
 
 
 @ENGINES.register("hf")
@@ -63,6 +66,7 @@ class HFEngine:
             raise ValueError(f"module.rollout.engine_options.sampling_weights={sampling_weights!r}; use null or one of "
                              f"{SAMPLING_WEIGHTS}")
         self.sampling_weights = sampling_weights
+        self._said_no_refill = False
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         return None
@@ -94,6 +98,10 @@ class HFEngine:
                         prompt_ids.device))
                 if model is None:
                     model = stack.enter_context(generation_model(policy))
+                if self.refill and synced and not self._said_no_refill:
+                    log.warning("hf engine: refill is off while sharded ranks must decode in step (FSDP): sampling "
+                                "with generate; engine_options.sampling_weights=bfloat16 gathers a copy that can refill")
+                    self._said_no_refill = True
                 if self.refill and not synced:
                     tokens, _ = refill_generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens,
                                                 temperature, top_p, top_k, eos, rows, order=order)
